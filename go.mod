@@ -1,0 +1,3 @@
+module github.com/nbd-csi/nbd-csi
+
+go 1.26
