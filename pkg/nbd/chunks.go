@@ -115,8 +115,10 @@ func (t *transmitter) readExtents(r *request, n uint32) error {
 	if r.cmd != nbdproto.CmdBlockStatus {
 		return protocolErrorf("block status chunk in the reply to %s", CommandName(r.cmd))
 	}
-	if n < 12 || (n-4)%8 != 0 || (n-4)/8 > maxExtents {
-		return protocolErrorf("block status chunk of %d bytes", n)
+	// Each extent covers at least one byte of the request, so there can
+	// be no more extents than requested bytes.
+	if n < 12 || (n-4)%8 != 0 || (n-4)/8 > min(maxExtents, r.length) {
+		return protocolErrorf("block status chunk of %d bytes for a request of %d", n, r.length)
 	}
 	if len(r.extents) > 0 {
 		return protocolErrorf("second block status chunk for the same context")

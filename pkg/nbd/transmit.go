@@ -96,10 +96,12 @@ func newTransmitter(c net.Conn, info *ExportInfo) *transmitter {
 		pending:    map[uint64]*request{},
 		done:       make(chan struct{}),
 	}
-	t.idle = sync.NewCond(&t.mu)
+	t.idle = newCond(t)
 	go t.readLoop()
 	return t
 }
+
+func newCond(t *transmitter) *sync.Cond { return sync.NewCond(&t.mu) }
 
 // ReadAt reads len(p) bytes at off.
 func (c *Conn) ReadAt(ctx context.Context, p []byte, off uint64) error {
