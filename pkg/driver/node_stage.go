@@ -1,0 +1,229 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	mount "k8s.io/mount-utils"
+
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
+)
+
+// NodeStageVolume negotiates with the export, attaches it, and for mount
+// volumes formats it (only if it holds no filesystem) and mounts it at the
+// staging path. A repeated identical request succeeds without side effects;
+// a different export or capability at the same volume is AlreadyExists.
+func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	volumeID, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if volumeID == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	if staging == "" || !filepath.IsAbs(staging) {
+		return nil, status.Errorf(codes.InvalidArgument, "staging target path %q must be an absolute path", staging)
+	}
+	c, err := parseCapability(req.GetVolumeCapability())
+	if err != nil {
+		return nil, err
+	}
+	params, err := ParseVolumeContext(req.GetVolumeContext())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	tlsOpts, err := tlsFromSecrets(req.GetSecrets())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if params.URI.TLS() && tlsOpts == nil {
+		tlsOpts = &nbd.TLSOptions{}
+	}
+	if !s.volumes.TryAcquire(volumeID) {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", volumeID)
+	}
+	defer s.volumes.Release(volumeID)
+	log := logger(ctx)
+
+	rec := &VolumeRecord{
+		VolumeID: volumeID, StagingPath: filepath.Clean(staging), VolumeContext: nodeContext(req.GetVolumeContext()),
+		Block: c.block, FSType: c.fsType, MountFlags: c.mountFlags, ReadOnly: c.readOnly,
+		AccessMode: c.mode.String(), TLS: tlsOpts != nil,
+	}
+	old, err := s.state.Get(volumeID)
+	switch {
+	case err == nil:
+		if !old.sameStage(rec) {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %s is already staged at %s with a different export, capability or staging path", volumeID, old.StagingPath)
+		}
+		rec.StagedAt = old.StagedAt
+	case !errors.Is(err, errNoRecord):
+		return nil, status.Error(codes.Internal, err.Error())
+	default:
+		rec.StagedAt = time.Now().UTC()
+	}
+
+	att, err := s.attacher.Lookup(ctx, volumeID)
+	if errors.Is(err, ErrNotAttached) {
+		spec := AttachSpec{VolumeID: volumeID, URI: params.URI, TLS: tlsOpts, Connections: params.Connections,
+			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: c.readOnly}
+		log.V(2).Info("Attaching", "uri", params.URI.String(), "connections", params.Connections)
+		att, err = s.attacher.Attach(ctx, spec)
+		if err != nil {
+			return nil, statusError("attach "+params.URI.String(), err)
+		}
+		log.Info("Attached", "device", att.Device, "size", att.Size)
+	} else if err != nil {
+		return nil, statusError("look up device", err)
+	}
+	rec.Device = att.Device
+	// The record goes to disk before the mount, so that an unstage after a
+	// failed mount still finds and detaches the device.
+	if err := s.state.Put(rec); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if c.block {
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	if err := s.mountStaging(ctx, att.Device, rec, params.MkfsOptions); err != nil {
+		return nil, err
+	}
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// mountStaging formats (if empty) and mounts device at the staging path,
+// or accepts an existing mount of the same device.
+func (s *NodeService) mountStaging(ctx context.Context, device string, rec *VolumeRecord, mkfsOptions []string) error {
+	staging := rec.StagingPath
+	if err := s.mounter.MakeDir(staging); err != nil {
+		return status.Errorf(codes.Internal, "create staging directory: %v", err)
+	}
+	mounted, err := s.mounter.IsMountPoint(staging)
+	if err != nil {
+		return status.Errorf(codes.Internal, "check staging path: %v", err)
+	}
+	if mounted {
+		dev, _, err := mountDevice(s.mounter, staging)
+		if err != nil {
+			return status.Errorf(codes.Internal, "inspect staging mount: %v", err)
+		}
+		if dev != device {
+			return status.Errorf(codes.AlreadyExists, "staging path %s has %s mounted, not %s", staging, dev, device)
+		}
+		return nil
+	}
+	opts := slices.Clone(rec.MountFlags)
+	if rec.ReadOnly {
+		opts = append(opts, "ro")
+	}
+	if rec.FSType == FSXFS {
+		// A filesystem cloned from another volume would collide by UUID.
+		opts = append(opts, "nouuid")
+	}
+	logger(ctx).V(2).Info("Formatting if needed and mounting", "device", device, "fsType", rec.FSType, "stagingPath", staging)
+	if err := s.mounter.FormatAndMount(device, staging, rec.FSType, opts, mkfsOptions); err != nil {
+		return status.Errorf(codes.Internal, "format and mount %s at %s: %v", device, staging, err)
+	}
+	return nil
+}
+
+// mountDevice returns the device mounted at path and how many other mount
+// points it has.
+func mountDevice(m Mounter, path string) (string, int, error) {
+	mps, err := m.List()
+	if err != nil {
+		return "", 0, err
+	}
+	dev := ""
+	for _, mp := range mps {
+		if mp.Path == path {
+			dev = mp.Device
+		}
+	}
+	if dev == "" {
+		return "", 0, fmt.Errorf("%s is not mounted", path)
+	}
+	refs := 0
+	for _, mp := range mps {
+		if mp.Device == dev && mp.Path != path {
+			refs++
+		}
+	}
+	return dev, refs, nil
+}
+
+// NodeUnstageVolume unmounts the staging path, detaches the device and
+// forgets the volume. It succeeds when any of those is already done, when
+// the server is gone, and after a plugin restart.
+func (s *NodeService) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	volumeID, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if volumeID == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	if staging == "" || !filepath.IsAbs(staging) {
+		return nil, status.Errorf(codes.InvalidArgument, "staging target path %q must be an absolute path", staging)
+	}
+	if !s.volumes.TryAcquire(volumeID) {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", volumeID)
+	}
+	defer s.volumes.Release(volumeID)
+	log := logger(ctx)
+
+	if err := mount.CleanupMountPoint(filepath.Clean(staging), s.mounter, true); err != nil {
+		return nil, status.Errorf(codes.Internal, "unmount staging path: %v", err)
+	}
+	if err := s.attacher.Detach(ctx, volumeID); err != nil {
+		return nil, statusError("detach", err)
+	}
+	if err := s.state.Delete(volumeID); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	log.Info("Unstaged")
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// sameStage reports whether two stage requests are the same.
+func (r *VolumeRecord) sameStage(o *VolumeRecord) bool {
+	return r.StagingPath == o.StagingPath && maps.Equal(r.VolumeContext, o.VolumeContext) &&
+		r.Block == o.Block && r.FSType == o.FSType && slices.Equal(r.MountFlags, o.MountFlags) &&
+		r.ReadOnly == o.ReadOnly
+}
+
+// nodeContext keeps the node keys of a volume context (the rest is
+// Kubernetes metadata that may change between calls).
+func nodeContext(vc map[string]string) map[string]string {
+	out := map[string]string{}
+	for k, v := range vc {
+		if nodeKeys[k] {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// tlsFromSecrets reads TLS material from node-stage secrets (ca.crt,
+// tls.crt, tls.key). No keys: nil. Errors never include secret values.
+func tlsFromSecrets(sec map[string]string) (*nbd.TLSOptions, error) {
+	ca, cert, key := sec[SecretCA], sec[SecretCert], sec[SecretKey]
+	if ca == "" && cert == "" && key == "" {
+		return nil, nil
+	}
+	if (cert == "") != (key == "") {
+		return nil, fmt.Errorf("node-stage secret: %q and %q must be given together", SecretCert, SecretKey)
+	}
+	o := &nbd.TLSOptions{}
+	if ca != "" {
+		o.CAPEM = []byte(ca)
+	}
+	if cert != "" {
+		o.CertPEM, o.KeyPEM = []byte(cert), []byte(key)
+	}
+	return o, nil
+}
