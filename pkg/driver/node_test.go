@@ -1,0 +1,319 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package driver_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/google/go-cmp/cmp"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/driver/drivertest"
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
+)
+
+type nodeEnv struct {
+	svc      *driver.NodeService
+	att      *drivertest.Attacher
+	mnt      *drivertest.Mounter
+	kubelet  string
+	stateDir string
+}
+
+func newNodeEnv(t *testing.T) *nodeEnv {
+	t.Helper()
+	root := t.TempDir()
+	e := &nodeEnv{kubelet: filepath.Join(root, "kubelet"), stateDir: filepath.Join(root, "state")}
+	e.att = drivertest.NewAttacher(t.TempDir())
+	e.mnt = drivertest.NewMounter(e.att)
+	e.svc = e.restart(t)
+	return e
+}
+
+// restart builds a new node service over the same state, attacher and
+// mounter, as a plugin restart would.
+func (e *nodeEnv) restart(t *testing.T) *driver.NodeService {
+	t.Helper()
+	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "node-1", KubeletDir: e.kubelet, StateDir: e.stateDir}, e.att, e.mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.svc = svc
+	return svc
+}
+
+func mountCap(fs string, mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
+	return &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fs}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode}}
+}
+
+func blockCap() *csi.VolumeCapability {
+	return &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
+}
+
+var rwo = csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
+
+func (e *nodeEnv) stageReq(vol string) *csi.NodeStageVolumeRequest {
+	return &csi.NodeStageVolumeRequest{
+		VolumeId: vol, StagingTargetPath: filepath.Join(e.kubelet, "plugins", "staging", vol),
+		VolumeCapability: mountCap("ext4", rwo),
+		VolumeContext:    map[string]string{"uri": "nbd://server/" + vol, "csi.storage.k8s.io/pv/name": "pv"},
+	}
+}
+
+func (e *nodeEnv) target(vol string) string { return filepath.Join(e.kubelet, "pods", "uid", "volumes", vol, "mount") }
+
+func code(err error) codes.Code { return status.Code(err) }
+
+func TestNodeStageValidation(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	tests := []struct {
+		name   string
+		mutate func(r *csi.NodeStageVolumeRequest)
+		want   codes.Code
+	}{
+		{"ok", func(*csi.NodeStageVolumeRequest) {}, codes.OK},
+		{"no volume id", func(r *csi.NodeStageVolumeRequest) { r.VolumeId = "" }, codes.InvalidArgument},
+		{"no staging path", func(r *csi.NodeStageVolumeRequest) { r.StagingTargetPath = "" }, codes.InvalidArgument},
+		{"relative staging path", func(r *csi.NodeStageVolumeRequest) { r.StagingTargetPath = "rel" }, codes.InvalidArgument},
+		{"no capability", func(r *csi.NodeStageVolumeRequest) { r.VolumeCapability = nil }, codes.InvalidArgument},
+		{"multi node writer", func(r *csi.NodeStageVolumeRequest) {
+			r.VolumeCapability = mountCap("ext4", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)
+		}, codes.InvalidArgument},
+		{"btrfs", func(r *csi.NodeStageVolumeRequest) { r.VolumeCapability = mountCap("btrfs", rwo) }, codes.InvalidArgument},
+		{"no uri", func(r *csi.NodeStageVolumeRequest) { delete(r.VolumeContext, "uri") }, codes.InvalidArgument},
+		{"bad uri", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["uri"] = "http://x/y" }, codes.InvalidArgument},
+		{"unknown key", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["colour"] = "blue" }, codes.InvalidArgument},
+		{"connections zero", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["connections"] = "0" }, codes.InvalidArgument},
+		{"connections huge", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["connections"] = "1000" }, codes.InvalidArgument},
+		{"timeout garbage", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["timeout"] = "soon" }, codes.InvalidArgument},
+		{"timeout negative", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["timeout"] = "-5s" }, codes.InvalidArgument},
+		{"timeout fractional", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["timeout"] = "1.5s" }, codes.InvalidArgument},
+		{"block size odd", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["blockSize"] = "600" }, codes.InvalidArgument},
+		{"cert without key", func(r *csi.NodeStageVolumeRequest) { r.Secrets = map[string]string{"tls.crt": "x"} }, codes.InvalidArgument},
+		{"export missing", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["uri"] = "nbd://server/gone" }, codes.NotFound},
+	}
+	e.att.AttachErr["gone"] = nbd.ErrUnknownExport
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req := e.stageReq("vol" + string(rune('a'+i)))
+			tt.mutate(req)
+			_, err := e.svc.NodeStageVolume(ctx, req)
+			if code(err) != tt.want {
+				t.Fatalf("code = %v (%v), want %v", code(err), err, tt.want)
+			}
+		})
+	}
+}
+
+func TestNodeLifecycle(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	req := e.stageReq("vol1")
+	req.VolumeContext["mkfsOptions"] = "-E lazy_itable_init=1"
+	for i := 0; i < 2; i++ { // the second call is a no-op
+		if _, err := e.svc.NodeStageVolume(ctx, req); err != nil {
+			t.Fatalf("stage #%d: %v", i, err)
+		}
+	}
+	if diff := cmp.Diff([]string{"attach vol1 " + filepath.Join(e.att.Dir, "nbd0")}, e.att.Log); diff != "" {
+		t.Errorf("attacher log (-want +got):\n%s", diff)
+	}
+	dev := filepath.Join(e.att.Dir, "nbd0")
+	if e.mnt.Formats[dev] != "ext4" || !cmp.Equal(e.mnt.FormatOptions[dev], []string{"-E", "lazy_itable_init=1"}) {
+		t.Errorf("format = %q %q", e.mnt.Formats[dev], e.mnt.FormatOptions[dev])
+	}
+
+	// Same volume, different export → AlreadyExists.
+	other := e.stageReq("vol1")
+	other.VolumeContext["uri"] = "nbd://server/other"
+	if _, err := e.svc.NodeStageVolume(ctx, other); code(err) != codes.AlreadyExists {
+		t.Errorf("restage with another export: %v, want AlreadyExists", err)
+	}
+
+	pub := &csi.NodePublishVolumeRequest{VolumeId: "vol1", StagingTargetPath: req.StagingTargetPath,
+		TargetPath: e.target("vol1"), VolumeCapability: req.VolumeCapability}
+	for i := 0; i < 2; i++ {
+		if _, err := e.svc.NodePublishVolume(ctx, pub); err != nil {
+			t.Fatalf("publish #%d: %v", i, err)
+		}
+	}
+	outside := proto.Clone(pub).(*csi.NodePublishVolumeRequest)
+	outside.TargetPath = "/etc/evil"
+	if _, err := e.svc.NodePublishVolume(ctx, outside); code(err) != codes.InvalidArgument {
+		t.Errorf("publish outside kubelet dir: %v, want InvalidArgument", err)
+	}
+	sneaky := proto.Clone(pub).(*csi.NodePublishVolumeRequest)
+	sneaky.TargetPath = filepath.Join(e.kubelet, "pods", "..", "..", "etc")
+	if _, err := e.svc.NodePublishVolume(ctx, sneaky); code(err) != codes.InvalidArgument {
+		t.Errorf("publish with ..: %v, want InvalidArgument", err)
+	}
+
+	stats, err := e.svc.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "vol1", VolumePath: pub.TargetPath})
+	if err != nil || len(stats.Usage) != 2 {
+		t.Fatalf("stats: %v %v", stats, err)
+	}
+	h, err := e.svc.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: "vol1"})
+	if err != nil || len(h.VolumeHealth.HealthStatuses) != 0 {
+		t.Fatalf("health: %v %v", h, err)
+	}
+	e.att.SetHealthy("vol1", false, "link dead, reconnecting")
+	h, err = e.svc.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: "vol1"})
+	if err != nil || len(h.VolumeHealth.HealthStatuses) != 1 || h.VolumeHealth.HealthStatuses[0].Status != csi.VolumeHealthErrorType_DEGRADED {
+		t.Fatalf("health while dead: %v %v", h, err)
+	}
+
+	// A restarted plugin still knows the volume.
+	e.restart(t)
+	for i := 0; i < 2; i++ {
+		if _, err := e.svc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol1", TargetPath: pub.TargetPath}); err != nil {
+			t.Fatalf("unpublish #%d: %v", i, err)
+		}
+		if _, err := e.svc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: "vol1", StagingTargetPath: req.StagingTargetPath}); err != nil {
+			t.Fatalf("unstage #%d: %v", i, err)
+		}
+	}
+	if devs, _ := e.att.List(ctx); len(devs) != 0 {
+		t.Errorf("devices left: %v", devs)
+	}
+	if mps, _ := e.mnt.List(); len(mps) != 0 {
+		t.Errorf("mounts left: %v", mps)
+	}
+	if _, err := os.Stat(pub.TargetPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("target not removed: %v", err)
+	}
+}
+
+func TestNodePublishSelfHeal(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	req := e.stageReq("vol1")
+	if _, err := e.svc.NodeStageVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	// A reboot: the device and the staging mount are gone, the record stays.
+	e.att.Forget("vol1")
+	if err := e.mnt.Unmount(req.StagingTargetPath); err != nil {
+		t.Fatal(err)
+	}
+	e.restart(t)
+	pub := &csi.NodePublishVolumeRequest{VolumeId: "vol1", StagingTargetPath: req.StagingTargetPath,
+		TargetPath: e.target("vol1"), VolumeCapability: req.VolumeCapability}
+	if _, err := e.svc.NodePublishVolume(ctx, pub); err != nil {
+		t.Fatalf("publish after reboot: %v", err)
+	}
+	mounted, err := e.mnt.IsMountPoint(req.StagingTargetPath)
+	if err != nil || !mounted {
+		t.Fatalf("staging path not mounted again: %v %v", mounted, err)
+	}
+
+	// A volume never staged is FailedPrecondition, never an empty bind.
+	pub2 := proto.Clone(pub).(*csi.NodePublishVolumeRequest)
+	pub2.VolumeId, pub2.TargetPath = "vol2", e.target("vol2")
+	if _, err := e.svc.NodePublishVolume(ctx, pub2); code(err) != codes.FailedPrecondition {
+		t.Errorf("publish unstaged: %v, want FailedPrecondition", err)
+	}
+}
+
+func TestNodeBlockVolume(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	req := e.stageReq("blk")
+	req.VolumeCapability = blockCap()
+	if _, err := e.svc.NodeStageVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if len(e.mnt.Formats) != 0 {
+		t.Errorf("block volume was formatted: %v", e.mnt.Formats)
+	}
+	target := filepath.Join(e.kubelet, "pods", "uid", "volumeDevices", "blk")
+	pub := &csi.NodePublishVolumeRequest{VolumeId: "blk", StagingTargetPath: req.StagingTargetPath, TargetPath: target, VolumeCapability: blockCap()}
+	if _, err := e.svc.NodePublishVolume(ctx, pub); err != nil {
+		t.Fatal(err)
+	}
+	mps, _ := e.mnt.List()
+	if len(mps) != 1 || mps[0].Device != filepath.Join(e.att.Dir, "nbd0") || mps[0].Path != target {
+		t.Errorf("mounts = %+v, want the device bound to the target", mps)
+	}
+	st, err := e.svc.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "blk", VolumePath: target})
+	if err != nil || len(st.Usage) != 1 || st.Usage[0].Total != 1<<30 {
+		t.Errorf("block stats = %v, %v", st, err)
+	}
+	// Publishing a block-staged volume as a filesystem is refused.
+	pub.VolumeCapability = mountCap("ext4", rwo)
+	pub.TargetPath = e.target("blk")
+	if _, err := e.svc.NodePublishVolume(ctx, pub); code(err) != codes.InvalidArgument {
+		t.Errorf("publish block as mount: %v, want InvalidArgument", err)
+	}
+}
+
+func TestNodeExpand(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	req := e.stageReq("vol1")
+	if _, err := e.svc.NodeStageVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	e.att.Sizes["vol1"] = 2 << 30
+	resp, err := e.svc.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: "vol1", VolumePath: req.StagingTargetPath,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 30}})
+	if err != nil || resp.CapacityBytes != 2<<30 || len(e.mnt.Resized) != 1 {
+		t.Fatalf("expand = %v, %v, resized %v", resp, err, e.mnt.Resized)
+	}
+	_, err = e.svc.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: "vol1", VolumePath: req.StagingTargetPath,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 3 << 30}})
+	if code(err) != codes.OutOfRange {
+		t.Errorf("expand beyond the export: %v, want OutOfRange", err)
+	}
+	if _, err := e.svc.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: "nope", VolumePath: "/x"}); code(err) != codes.NotFound {
+		t.Errorf("expand unknown volume: %v, want NotFound", err)
+	}
+}
+
+func TestNodeConcurrentSameVolume(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	codesSeen := make(chan codes.Code, 20)
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := e.svc.NodeStageVolume(ctx, e.stageReq("vol1"))
+			codesSeen <- code(err)
+		}()
+	}
+	wg.Wait()
+	close(codesSeen)
+	for c := range codesSeen {
+		if c != codes.OK && c != codes.Aborted {
+			t.Errorf("concurrent stage returned %v", c)
+		}
+	}
+	if devs, _ := e.att.List(ctx); len(devs) != 1 {
+		t.Errorf("devices = %d, want exactly 1", len(devs))
+	}
+}
+
+func TestNodeInfoAndCapabilities(t *testing.T) {
+	e := newNodeEnv(t)
+	info, err := e.svc.NodeGetInfo(context.Background(), &csi.NodeGetInfoRequest{})
+	if err != nil || info.NodeId != "node-1" || info.AccessibleTopology.Segments[driver.TopologyKeyNode] != "node-1" {
+		t.Errorf("info = %v, %v", info, err)
+	}
+	caps, err := e.svc.NodeGetCapabilities(context.Background(), &csi.NodeGetCapabilitiesRequest{})
+	if err != nil || len(caps.Capabilities) != 5 {
+		t.Errorf("capabilities = %v, %v", caps, err)
+	}
+}
