@@ -29,6 +29,7 @@ type command struct {
 
 func commands() []command {
 	return []command{
+		{"serve", "serve CSI (controller, node or both)", runServe},
 		{"probe", "connect to an export and describe it", runProbe},
 		{"list", "list the exports of a server", runList},
 		{"version", "print the version", runVersion},

@@ -16,8 +16,11 @@ const (
 	// KeyConnections is the number of sockets per device; used only when
 	// the export advertises multi-conn. Integer 1..16, default 1.
 	KeyConnections = "connections"
-	// KeyTimeout is the per-request I/O timeout (Go duration, e.g. "30s";
-	// "0" lets a request wait indefinitely on a single connection).
+	// KeyTimeout is the per-request I/O timeout (Go duration, default
+	// "30s"); a request that takes longer marks the connection dead and is
+	// retried after the reconnect. "0" lets a request wait indefinitely on a
+	// single connection, and then requests in flight when the server dies
+	// are never retried.
 	KeyTimeout = "timeout"
 	// KeyDeadConnectionTimeout is how long I/O waits for a reconnect after
 	// the connection died (Go duration, default 5m).

@@ -66,6 +66,9 @@ type VolumeAttacher interface {
 	// Resize asks the server for the export size again and resizes the
 	// device; it returns the new size.
 	Resize(ctx context.Context, volumeID string, spec AttachSpec) (uint64, error)
+	// Adopt resumes looking after a volume attached by an earlier process
+	// (reconnects, health); ErrNotAttached if it has no device.
+	Adopt(ctx context.Context, spec AttachSpec) error
 	// Ready reports whether the node can attach at all (kernel support,
 	// netlink or ioctl usable); the error says why not.
 	Ready(ctx context.Context) error
@@ -99,6 +102,6 @@ type Mounter interface {
 
 // FSStats is filesystem usage.
 type FSStats struct {
-	TotalBytes, AvailableBytes, UsedBytes    int64
-	TotalInodes, FreeInodes, UsedInodes int64
+	TotalBytes, AvailableBytes, UsedBytes int64
+	TotalInodes, FreeInodes, UsedInodes   int64
 }

@@ -7,8 +7,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/google/go-cmp/cmp"
@@ -71,7 +73,9 @@ func (e *nodeEnv) stageReq(vol string) *csi.NodeStageVolumeRequest {
 	}
 }
 
-func (e *nodeEnv) target(vol string) string { return filepath.Join(e.kubelet, "pods", "uid", "volumes", vol, "mount") }
+func (e *nodeEnv) target(vol string) string {
+	return filepath.Join(e.kubelet, "pods", "uid", "volumes", vol, "mount")
+}
 
 func code(err error) codes.Code { return status.Code(err) }
 
@@ -315,5 +319,39 @@ func TestNodeInfoAndCapabilities(t *testing.T) {
 	caps, err := e.svc.NodeGetCapabilities(context.Background(), &csi.NodeGetCapabilitiesRequest{})
 	if err != nil || len(caps.Capabilities) != 5 {
 		t.Errorf("capabilities = %v, %v", caps, err)
+	}
+}
+
+func TestNodeRecoverAndOrphans(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	if _, err := e.svc.NodeStageVolume(ctx, e.stageReq("kept")); err != nil {
+		t.Fatal(err)
+	}
+	// A device of ours nobody staged (e.g. a crash between attach and record).
+	orphan, err := e.att.Attach(ctx, driver.AttachSpec{VolumeID: "orphan", URI: &nbd.URI{Export: "orphan"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "node-1", KubeletDir: e.kubelet, StateDir: e.stateDir,
+		OrphanGracePeriod: time.Hour}, e.att, e.mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.Start(context.Background())
+	if !slices.Contains(e.att.Log, "adopt kept") {
+		t.Errorf("staged volume not adopted: %v", e.att.Log)
+	}
+	now := time.Now()
+	svc.SweepOrphansForTest(ctx, now)
+	if _, err := e.att.Lookup(ctx, "orphan"); err != nil {
+		t.Fatalf("orphan detached before the grace period: %v", err)
+	}
+	svc.SweepOrphansForTest(ctx, now.Add(2*time.Hour))
+	if _, err := e.att.Lookup(ctx, "orphan"); !errors.Is(err, driver.ErrNotAttached) {
+		t.Errorf("orphan %s still attached after the grace period: %v", orphan.Device, err)
+	}
+	if _, err := e.att.Lookup(ctx, "kept"); err != nil {
+		t.Errorf("staged volume lost: %v", err)
 	}
 }

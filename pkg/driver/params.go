@@ -16,7 +16,11 @@ const (
 	maxConnections     = 16
 	maxTimeout         = 24 * time.Hour
 	defaultDeadConnTmo = 5 * time.Minute
-	maxMkfsOptions     = 1024
+	// defaultTimeout is the per-request timeout. It must not be 0 for
+	// requests in flight when a connection dies to be retried on the new
+	// one: with one connection and no timeout the kernel waits forever.
+	defaultTimeout = 30 * time.Second
+	maxMkfsOptions = 1024
 )
 
 // VolumeParams are the validated node-side volume context values.
@@ -68,7 +72,7 @@ func ParseVolumeContext(vc map[string]string) (*VolumeParams, error) {
 		}
 		p.Connections = n
 	}
-	if p.Timeout, err = durationKey(vc, KeyTimeout, 0); err != nil {
+	if p.Timeout, err = durationKey(vc, KeyTimeout, defaultTimeout); err != nil {
 		return nil, err
 	}
 	if p.DeadConnTimeout, err = durationKey(vc, KeyDeadConnectionTimeout, defaultDeadConnTmo); err != nil {

@@ -285,6 +285,12 @@ func (c *Conn) File() (*os.File, error) {
 	return f.File()
 }
 
+// Stream returns the connection the protocol is spoken over: the socket, or
+// the TLS session wrapping it. With ProfileKernel and TLS this is what a
+// relay carries to the kernel; after taking it the caller owns it and must
+// not also Close the Conn.
+func (c *Conn) Stream() net.Conn { return c.stream }
+
 // SyscallConn exposes the raw socket, e.g. to set socket options before the
 // hand-off.
 func (c *Conn) SyscallConn() (syscall.RawConn, error) {

@@ -152,5 +152,16 @@ func (a *Attacher) IsDevice(path string) (uint64, bool) {
 	return 0, false
 }
 
+// Adopt records the adoption of an attached volume.
+func (a *Attacher) Adopt(_ context.Context, spec driver.AttachSpec) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.devices[spec.VolumeID]; !ok {
+		return driver.ErrNotAttached
+	}
+	a.Log = append(a.Log, "adopt "+spec.VolumeID)
+	return nil
+}
+
 // Ready returns ReadyErr.
 func (a *Attacher) Ready(context.Context) error { return a.ReadyErr }

@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/nbd-csi/nbd-csi/pkg/driver"
+)
+
+// serveFlags are the flags of `nbd-csi serve`; docs/cli.md lists them.
+type serveFlags struct {
+	mode       string
+	endpoint   string
+	driverName string
+	grace      time.Duration
+	node       driver.NodeOptions
+	attach     attachFlags
+	controller controllerFlags
+}
+
+func (f *serveFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.mode, "mode", "all", "services to serve: controller, node or all")
+	fs.StringVar(&f.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI gRPC endpoint: unix:///path or tcp://host:port")
+	fs.StringVar(&f.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name (must match the CSIDriver object)")
+	fs.DurationVar(&f.grace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for RPCs in flight (volumes stay attached)")
+
+	host, _ := os.Hostname()
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		host = n
+	}
+	fs.StringVar(&f.node.NodeID, "node-id", host, "node name (default $NODE_NAME, else the hostname)")
+	fs.StringVar(&f.node.KubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; publish targets must be under its pods/")
+	fs.StringVar(&f.node.StateDir, "state-dir", "", "directory for per-volume state records (default KUBELET_DIR/plugins/DRIVER_NAME/volumes)")
+	fs.Int64Var(&f.node.MaxVolumesPerNode, "max-volumes-per-node", 0, "volumes the scheduler may place on a node (0: no limit)")
+	fs.DurationVar(&f.node.OrphanGracePeriod, "orphan-grace-period", 10*time.Minute, "how long a device of ours with no state record and no mount is left before it is detached")
+	f.attach.register(fs)
+	f.controller.register(fs)
+}
+
+func runServe(ctx context.Context, args []string, _ io.Writer) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	var f serveFlags
+	f.register(fs)
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	klogFlags.VisitAll(func(fl *flag.Flag) {
+		if fl.Name == "v" || fl.Name == "vmodule" {
+			fs.Var(fl.Value, fl.Name, fl.Usage)
+		}
+	})
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "Usage: nbd-csi serve [flags]\n\nServes the CSI identity service and, per --mode, the node and/or controller service.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())
+	}
+	mode, err := driver.ParseMode(f.mode)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	logger := klog.Background().WithValues("mode", mode)
+	ctx = klog.NewContext(ctx, logger)
+
+	cfg := driver.Config{Name: f.driverName, Version: Version(), Endpoint: f.endpoint, Mode: mode}
+	var ready []driver.ReadyFunc
+	if mode.ServesNode() {
+		if f.node.StateDir == "" {
+			f.node.StateDir = filepath.Join(f.node.KubeletDir, "plugins", f.driverName, "volumes")
+		}
+		node, nodeReady, stop, err := newNodeService(ctx, f.node, f.attach)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		cfg.Node = node
+		ready = append(ready, nodeReady)
+	}
+	if mode.ServesController() {
+		ctrl, ctrlReady, stop, err := newControllerService(ctx, f.driverName, f.controller)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		cfg.Controller = ctrl
+		ready = append(ready, ctrlReady)
+	}
+	cfg.Ready = func(ctx context.Context) error {
+		for _, r := range ready {
+			if err := r(ctx); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	d, err := driver.New(cfg)
+	if err != nil {
+		return err
+	}
+	l, err := driver.Listen(f.endpoint)
+	if err != nil {
+		return err
+	}
+	return d.Serve(ctx, l, f.grace)
+}

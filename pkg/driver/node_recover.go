@@ -1,0 +1,113 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package driver
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Start rebuilds the node's knowledge after a (re)start and then looks for
+// orphans until ctx ends:
+//
+//   - every state record whose device is still attached is adopted: its
+//     connection is supervised again (reconnects, health);
+//   - a device of ours with no state record and no mount is reported, and
+//     detached once it has stayed that way for OrphanGracePeriod (a stage
+//     in progress writes its record right after attaching, so it is never
+//     an orphan for long).
+//
+// Devices with a record keep serving throughout; nothing here touches them.
+func (s *NodeService) Start(ctx context.Context) {
+	log := logger(ctx).WithName("recover")
+	recs, errs := s.state.List()
+	for _, err := range errs {
+		log.Error(err, "Unreadable state record")
+	}
+	for _, r := range recs {
+		params, err := ParseVolumeContext(r.VolumeContext)
+		if err != nil {
+			log.Error(err, "State record with an invalid volume context", "volumeID", r.VolumeID)
+			continue
+		}
+		spec := AttachSpec{VolumeID: r.VolumeID, URI: params.URI, Connections: params.Connections,
+			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: r.ReadOnly}
+		switch err := s.attacher.Adopt(ctx, spec); {
+		case err == nil:
+			log.Info("Adopted attached volume", "volumeID", r.VolumeID)
+		case errors.Is(err, ErrNotAttached):
+			log.Info("Staged volume has no device (node rebooted?); it is re-attached when next published or staged", "volumeID", r.VolumeID)
+		default:
+			log.Error(err, "Adopting volume", "volumeID", r.VolumeID)
+		}
+	}
+	if s.opts.OrphanGracePeriod <= 0 {
+		return
+	}
+	go s.orphanLoop(ctx)
+}
+
+func (s *NodeService) orphanLoop(ctx context.Context) {
+	seen := map[string]time.Time{}
+	interval := min(s.opts.OrphanGracePeriod/2, time.Minute)
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		s.sweepOrphans(ctx, seen, time.Now())
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// sweepOrphans detaches devices that have been orphans for the grace period.
+func (s *NodeService) sweepOrphans(ctx context.Context, seen map[string]time.Time, now time.Time) {
+	log := logger(ctx).WithName("orphans")
+	atts, err := s.attacher.List(ctx)
+	if err != nil {
+		log.Error(err, "Listing devices")
+		return
+	}
+	mps, err := s.mounter.List()
+	if err != nil {
+		log.Error(err, "Listing mounts")
+		return
+	}
+	mounted := map[string]bool{}
+	for _, mp := range mps {
+		mounted[mp.Device] = true
+	}
+	current := map[string]bool{}
+	for _, a := range atts {
+		if _, err := s.state.Get(a.VolumeID); !errors.Is(err, errNoRecord) || mounted[a.Device] {
+			continue
+		}
+		current[a.VolumeID] = true
+		first, ok := seen[a.VolumeID]
+		if !ok {
+			seen[a.VolumeID] = now
+			log.Info("Device of ours with no state record and no mount; detaching it after the grace period",
+				"volumeID", a.VolumeID, "device", a.Device, "gracePeriod", s.opts.OrphanGracePeriod)
+			continue
+		}
+		if now.Sub(first) < s.opts.OrphanGracePeriod || !s.volumes.TryAcquire(a.VolumeID) {
+			continue
+		}
+		err := s.attacher.Detach(ctx, a.VolumeID)
+		s.volumes.Release(a.VolumeID)
+		if err != nil {
+			log.Error(err, "Detaching orphan", "volumeID", a.VolumeID, "device", a.Device)
+			continue
+		}
+		log.Info("Detached orphan device", "volumeID", a.VolumeID, "device", a.Device)
+		delete(seen, a.VolumeID)
+	}
+	for id := range seen {
+		if !current[id] {
+			delete(seen, id)
+		}
+	}
+}
