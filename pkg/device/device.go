@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 )
 
@@ -223,4 +224,34 @@ type Attacher interface {
 	Backend() Backend
 	// Close releases this Attacher's resources. It detaches nothing.
 	Close() error
+}
+
+// claims tracks backend IDs with an Attach in flight in this process, so
+// that two concurrent attaches of one backend cannot both pass the check
+// for an existing device.
+type claims struct {
+	mu  sync.Mutex
+	ids map[string]bool
+}
+
+// claim reserves id; the returned release must be called. An empty id
+// needs no reservation.
+func (c *claims) claim(id string) (release func(), err error) {
+	if id == "" {
+		return func() {}, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ids[id] {
+		return nil, fmt.Errorf("%w: backend %q is being attached", ErrAlreadyAttached, id)
+	}
+	if c.ids == nil {
+		c.ids = map[string]bool{}
+	}
+	c.ids[id] = true
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		delete(c.ids, id)
+	}, nil
 }

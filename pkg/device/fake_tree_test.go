@@ -44,7 +44,12 @@ func (f *fakeTree) mkdir(p string) {
 func (f *fakeTree) write(p, content string) {
 	f.t.Helper()
 	f.mkdir(filepath.Dir(p))
-	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+	// Atomically, like sysfs reads: readers never see a partial file.
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+		f.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, p); err != nil {
 		f.t.Fatal(err)
 	}
 }
@@ -78,17 +83,19 @@ func (f *fakeTree) start(i uint32, pid int, sizeBytes, blockSize uint64, backend
 	if _, err := os.Stat(f.blockFile(i, "size")); err != nil {
 		f.addDevice(i)
 	}
-	f.write(f.blockFile(i, "pid"), strconv.Itoa(pid)+"\n")
-	f.write(f.blockFile(i, "size"), strconv.FormatUint(sizeBytes>>9, 10)+"\n")
-	f.write(f.blockFile(i, "queue/logical_block_size"), strconv.FormatUint(blockSize, 10)+"\n")
-	if backend != "" {
-		f.write(f.blockFile(i, "backend"), backend+"\n")
-	}
+	// In nbd_start_device's order: flags (ro) first, then the pid file;
+	// the size and backend file follow before CONNECT replies.
 	r := "0\n"
 	if ro {
 		r = "1\n"
 	}
 	f.write(f.blockFile(i, "ro"), r)
+	f.write(f.blockFile(i, "queue/logical_block_size"), strconv.FormatUint(blockSize, 10)+"\n")
+	f.write(f.blockFile(i, "pid"), strconv.Itoa(pid)+"\n")
+	f.write(f.blockFile(i, "size"), strconv.FormatUint(sizeBytes>>9, 10)+"\n")
+	if backend != "" {
+		f.write(f.blockFile(i, "backend"), backend+"\n")
+	}
 }
 
 // stop tears nbd<i>'s configuration down.

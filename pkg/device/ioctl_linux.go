@@ -30,8 +30,9 @@ type Ioctl struct {
 	// why is the reason netlink was not used, when New fell back.
 	why error
 
-	mu       sync.Mutex
-	sessions map[uint32]*session
+	mu        sync.Mutex
+	sessions  map[uint32]*session
+	attaching claims
 }
 
 var _ Attacher = (*Ioctl)(nil)
@@ -65,6 +66,11 @@ func (x *Ioctl) Attach(ctx context.Context, cfg Config) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
+	release, err := x.attaching.claim(c.BackendID)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	if c.BackendID != "" {
 		if d, err := x.FindByBackend(ctx, c.BackendID); err == nil {
 			return nil, fmt.Errorf("%w: backend %q is on nbd%d", ErrAlreadyAttached, c.BackendID, d.Index)
@@ -249,6 +255,9 @@ func (x *Ioctl) configure(fd int, index uint32, c normalized, more []uint32) err
 	}
 	// Always set, even to 0, so a timeout left by a previous user of the
 	// device is not inherited (0 resets the queue timeout to 30 s).
+	if c.timeoutSec > uint64(^uintptr(0)) {
+		return fmt.Errorf("%w: timeout of %d s does not fit the ioctl argument", ErrInvalidConfig, c.timeoutSec)
+	}
 	return do(nbdSetTimeout, uintptr(c.timeoutSec))
 }
 

@@ -15,7 +15,7 @@ const (
 	iocNone = unix.BLKRRPART &^ 0xffff
 	nbdType = 0xab << 8
 
-	nbdSetSock       = iocNone | nbdType | 0  // NBD_SET_SOCK
+	nbdSetSock       = iocNone | nbdType      // NBD_SET_SOCK (n = 0)
 	nbdSetBlksize    = iocNone | nbdType | 1  // NBD_SET_BLKSIZE
 	nbdSetSize       = iocNone | nbdType | 2  // NBD_SET_SIZE (bytes; unused: SIZE_BLOCKS is overflow-checked)
 	nbdDoIt          = iocNone | nbdType | 3  // NBD_DO_IT
@@ -76,12 +76,17 @@ type ioctlSys interface {
 // realSys is ioctlSys on the real kernel.
 type realSys struct{}
 
+// Open opens path O_RDWR|O_CLOEXEC.
 func (realSys) Open(path string) (int, error) {
 	return unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 }
 
+// Close closes fd.
 func (realSys) Close(fd int) error { return unix.Close(fd) }
 
+// Ioctl issues the request with an unsigned-long argument. It calls the
+// system call directly because unix.IoctlSetInt takes an int, narrower than
+// the kernel's unsigned long on 32-bit architectures.
 func (realSys) Ioctl(fd int, req uint, arg uintptr) error {
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), arg)
 	if errno != 0 {
@@ -90,6 +95,7 @@ func (realSys) Ioctl(fd int, req uint, arg uintptr) error {
 	return nil
 }
 
+// SetReadOnly issues BLKROSET through unix.IoctlSetPointerInt.
 func (realSys) SetReadOnly(fd int, ro bool) error {
 	v := 0
 	if ro {
@@ -98,6 +104,8 @@ func (realSys) SetReadOnly(fd int, ro bool) error {
 	return unix.IoctlSetPointerInt(fd, blkROSet, v)
 }
 
+// BlockSignals blocks every blockable signal on the calling thread
+// (SIGKILL and SIGSTOP cannot be blocked).
 func (realSys) BlockSignals() error {
 	var all unix.Sigset_t
 	for i := range all.Val {

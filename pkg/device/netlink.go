@@ -31,6 +31,7 @@ type Netlink struct {
 	dialGroup func(group uint32) (*genetlink.Conn, error)
 	sys       sysfs
 	opts      Options
+	attaching claims
 }
 
 var _ Attacher = (*Netlink)(nil)
@@ -103,6 +104,11 @@ func (n *Netlink) Attach(ctx context.Context, cfg Config) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
+	release, err := n.attaching.claim(c.BackendID)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	if found, err := findBackend(n.sys, c.BackendID); err != nil {
 		return nil, err
 	} else if len(found) > 0 {

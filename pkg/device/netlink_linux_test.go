@@ -414,3 +414,31 @@ func TestNetlinkFamilyUnavailable(t *testing.T) {
 		}
 	}
 }
+
+func TestNetlinkConcurrentAttachSameBackend(t *testing.T) {
+	tree := newFakeTree(t)
+	k := newFakeKernel(t, tree)
+	n := k.netlink(tree.opts())
+	const tries = 8
+	errs := make(chan error, tries)
+	for range tries {
+		socks := socketFiles(t, 1)
+		go func() {
+			_, err := n.Attach(context.Background(), Config{Sockets: socks, SizeBytes: 1 << 20, BackendID: "same"})
+			errs <- err
+		}()
+	}
+	var ok int
+	for range tries {
+		err := <-errs
+		switch {
+		case err == nil:
+			ok++
+		case !errors.Is(err, ErrAlreadyAttached):
+			t.Errorf("unexpected error %v", err)
+		}
+	}
+	if ok != 1 {
+		t.Errorf("%d attaches of one backend succeeded, want 1", ok)
+	}
+}

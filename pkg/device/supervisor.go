@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 )
 
@@ -32,17 +33,22 @@ type RedialFunc func(ctx context.Context) (sockets []*os.File, sizeBytes uint64,
 
 // SupervisorConfig describes one supervised device.
 type SupervisorConfig struct {
-	// Index and BackendID identify the device (RECONFIGURE must quote
-	// the backend identifier).
-	Index     uint32
+	// Index is the supervised device, N in /dev/nbdN.
+	Index uint32
+	// BackendID is the device's backend identifier, which RECONFIGURE
+	// must quote.
 	BackendID string
-	// SizeBytes and ServerFlags are what the export reported when the
-	// device was attached. A redialled export must match them (flags are
-	// compared on the bits the kernel acts on: HAS_FLAGS, READ_ONLY,
+	// SizeBytes is the export size reported when the device was attached
+	// (Device.SizeBytes will do). A redialled export whose size differs in
+	// the 512-byte sectors the device addresses is refused: handing the
+	// kernel a different disk under the same device would corrupt data.
+	// After a resize, tell the Supervisor with SetExport.
+	SizeBytes uint64
+	// ServerFlags are the transmission flags the export reported at
+	// attach (not including a READ_ONLY added by Config.ReadOnly). They
+	// are compared on the bits the kernel acts on (HAS_FLAGS, READ_ONLY,
 	// SEND_FLUSH, SEND_FUA, ROTATIONAL, SEND_TRIM, SEND_WRITE_ZEROES,
-	// CAN_MULTI_CONN) or the sockets are refused: handing the kernel a
-	// different disk under the same device would corrupt data.
-	SizeBytes   uint64
+	// CAN_MULTI_CONN); other changes are accepted.
 	ServerFlags uint16
 	// DeadConnTimeout is the reconnect window after a dead link is
 	// reported; use the device's Config.DeadConnTimeout, after which the
@@ -112,12 +118,15 @@ func (k EventKind) String() string {
 
 // Event is something a Supervisor observed or did.
 type Event struct {
-	Kind  EventKind
+	// Kind says what happened.
+	Kind EventKind
+	// Index is the supervised device.
 	Index uint32
 	// Attempt is the redial attempt (from 1) for redial-related events.
 	Attempt int
 	// Err is the cause for failure kinds.
-	Err  error
+	Err error
+	// Time is when the event was reported.
 	Time time.Time
 }
 
@@ -132,6 +141,10 @@ type Event struct {
 type Supervisor struct {
 	r   Reconnector
 	cfg SupervisorConfig
+
+	mu    sync.Mutex
+	size  uint64
+	flags uint16
 }
 
 // NewSupervisor checks cfg and returns a Supervisor; Run starts it.
@@ -156,7 +169,23 @@ func NewSupervisor(r Reconnector, cfg SupervisorConfig) (*Supervisor, error) {
 		cfg.MaxBackoff = 2 * time.Second
 	}
 	cfg.MaxBackoff = max(cfg.MaxBackoff, cfg.MinBackoff)
-	return &Supervisor{r: r, cfg: cfg}, nil
+	return &Supervisor{r: r, cfg: cfg, size: cfg.SizeBytes, flags: cfg.ServerFlags}, nil
+}
+
+// SetExport changes the size and flags a redialled export must match, e.g.
+// after the device was resized. Safe to call while Run runs.
+func (s *Supervisor) SetExport(sizeBytes uint64, flags uint16) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.size, s.flags = sizeBytes, flags
+}
+
+// matches reports whether a redialled export may replace the device's
+// connections.
+func (s *Supervisor) matches(size uint64, flags uint16) (bool, uint64, uint16) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return size>>9 == s.size>>9 && flags&kernelFlags == s.flags&kernelFlags, s.size, s.flags
 }
 
 func (s *Supervisor) emit(e Event) {
@@ -278,9 +307,9 @@ func (s *Supervisor) attempt(ctx context.Context, attempt int) error {
 		s.emit(Event{Kind: EventRedialFailed, Attempt: attempt, Err: err})
 		return err
 	}
-	if size != s.cfg.SizeBytes || flags&kernelFlags != s.cfg.ServerFlags&kernelFlags {
-		err = fmt.Errorf("%w: size %d flags %#x, attached with size %d flags %#x",
-			ErrExportChanged, size, flags, s.cfg.SizeBytes, s.cfg.ServerFlags)
+	if ok, wantSize, wantFlags := s.matches(size, flags); !ok {
+		err = fmt.Errorf("%w: size %d flags %#x, the device has size %d flags %#x",
+			ErrExportChanged, size, flags, wantSize, wantFlags)
 		s.emit(Event{Kind: EventExportChanged, Attempt: attempt, Err: err})
 		return err
 	}
