@@ -18,6 +18,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
@@ -59,9 +61,61 @@ var _ driver.VolumeAttacher = (*Attacher)(nil)
 type watch struct {
 	cancel    context.CancelFunc
 	done      chan struct{}
+	sup       *device.Supervisor
 	healthy   bool
 	condition string
 	relays    []*relay
+	// socks are duplicates of the sockets the kernel holds. Shutting them
+	// down makes the kernel see its connections die, which is how an
+	// online resize gets connections negotiated for the new size.
+	socks []*os.File
+}
+
+// renew ends the volume's current connections so that supervision replaces
+// them; it reports false when this process holds none (it did not make
+// them).
+func (w *watch) renew() bool {
+	if len(w.socks) == 0 && len(w.relays) == 0 {
+		return false
+	}
+	for _, f := range w.socks {
+		if rc, err := f.SyscallConn(); err == nil {
+			_ = rc.Control(func(fd uintptr) { _ = unix.Shutdown(int(fd), unix.SHUT_RDWR) })
+		}
+		f.Close()
+	}
+	w.socks = nil
+	for _, r := range w.relays {
+		r.close()
+	}
+	w.relays = nil
+	return true
+}
+
+// release closes what the watch holds.
+func (w *watch) release() {
+	for _, f := range w.socks {
+		f.Close()
+	}
+	w.socks = nil
+	for _, r := range w.relays {
+		r.close()
+	}
+	w.relays = nil
+}
+
+// keep returns duplicates of files (nil entries for failures).
+func keep(files []*os.File) []*os.File {
+	var out []*os.File
+	for _, f := range files {
+		fd, err := unix.Dup(int(f.Fd()))
+		if err != nil {
+			continue
+		}
+		unix.CloseOnExec(fd)
+		out = append(out, os.NewFile(uintptr(fd), f.Name()))
+	}
+	return out
 }
 
 // New returns an Attacher. When the kernel cannot attach at all (no nbd
@@ -230,7 +284,7 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 			return nil, err
 		}
 	}
-	a.supervise(spec, d, n.info, n.relays)
+	a.supervise(spec, d, n.info, n.relays, keep(n.files))
 	return a.attachment(spec.VolumeID, *d), nil
 }
 
@@ -256,7 +310,7 @@ func (a *Attacher) Adopt(ctx context.Context, spec driver.AttachSpec) error {
 		a.adoptLater(spec, d)
 		return fmt.Errorf("adopted nbd%d, but the export is unreachable for now (will retry): %w", d.Index, err)
 	}
-	a.supervise(spec, d, *info, nil)
+	a.supervise(spec, d, *info, nil, nil)
 	if spec.TLS != nil || spec.URI.TLS() {
 		return a.reconnectNow(ctx, spec, d, *info)
 	}
@@ -282,7 +336,7 @@ func (a *Attacher) adoptLater(spec driver.AttachSpec, d *device.Device) {
 			ctx, cancel := context.WithTimeout(a.base, 30*time.Second)
 			info, err := nbd.Probe(ctx, spec.URI, tlsOpts(spec)...)
 			if err == nil {
-				a.supervise(spec, d, *info, nil)
+				a.supervise(spec, d, *info, nil, nil)
 				_ = a.reconnectNow(ctx, spec, d, *info)
 				cancel()
 				return
@@ -323,35 +377,24 @@ func (a *Attacher) reconnectNow(ctx context.Context, spec driver.AttachSpec, d *
 	a.mu.Lock()
 	if w := a.watched[spec.VolumeID]; w != nil {
 		w.relays = append(w.relays, n.relays...)
+		w.socks = append(w.socks, keep(n.files)...)
 	}
 	a.mu.Unlock()
 	return nil
 }
 
-// takeRelays returns the relays of a watched volume, so that a new watch
-// keeps them.
-func (a *Attacher) takeRelays(volumeID string) []*relay {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if w := a.watched[volumeID]; w != nil {
-		r := w.relays
-		w.relays = nil
-		return r
-	}
-	return nil
-}
-
 // supervise starts reconnect supervision for a netlink device. ioctl
 // devices live only as long as this process and cannot be reconfigured.
-func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.ExportInfo, relays []*relay) {
+func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.ExportInfo, relays []*relay, socks []*os.File) {
 	rc, ok := a.dev.(device.Reconnector)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if old := a.watched[spec.VolumeID]; old != nil {
 		old.cancel()
+		old.release()
 	}
 	ctx, cancel := context.WithCancel(a.base)
-	w := &watch{cancel: cancel, done: make(chan struct{}), healthy: true, relays: relays}
+	w := &watch{cancel: cancel, done: make(chan struct{}), healthy: true, relays: relays, socks: socks}
 	a.watched[spec.VolumeID] = w
 	if !ok || d.ProcessBound() || spec.DeadConnTimeout <= 0 {
 		close(w.done)
@@ -368,6 +411,7 @@ func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.
 			}
 			a.mu.Lock()
 			w.relays = append(w.relays, n.relays...)
+			w.socks = append(w.socks, keep(n.files)...)
 			a.mu.Unlock()
 			files := n.files
 			n.files = nil
@@ -380,6 +424,7 @@ func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.
 		close(w.done)
 		return
 	}
+	w.sup = sup
 	go func() {
 		defer close(w.done)
 		_ = sup.Run(ctx)
@@ -412,6 +457,34 @@ func (a *Attacher) attachment(volumeID string, d device.Device) *driver.Attachme
 		att.Healthy, att.Condition = w.healthy, w.condition
 	}
 	return att
+}
+
+// waitHealthy waits until supervision reports the volume reconnected.
+func (a *Attacher) waitHealthy(ctx context.Context, volumeID string) error {
+	// Give the kernel a moment to notice the dead link first.
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	sawDead := false
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		a.mu.Lock()
+		w := a.watched[volumeID]
+		healthy, cond := w != nil && w.healthy, ""
+		if w != nil {
+			cond = w.condition
+		}
+		a.mu.Unlock()
+		if !healthy {
+			sawDead = true
+		}
+		if healthy && (sawDead || time.Now().After(deadline)) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (%s)", ctx.Err(), cond)
+		case <-t.C:
+		}
+	}
 }
 
 // Lookup finds the volume's device by its backend identifier.
@@ -462,9 +535,7 @@ func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 	}
 	err := a.dev.DetachBackend(ctx, BackendID(volumeID))
 	if w != nil {
-		for _, r := range w.relays {
-			r.close()
-		}
+		w.release()
 	}
 	if errors.Is(err, device.ErrNotFound) {
 		err = nil
@@ -500,12 +571,25 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.Atta
 	if info.Size < d.SizeBytes {
 		return 0, fmt.Errorf("%w: the export shrank from %d to %d bytes; refusing to shrink the device", nbd.ErrNotSupportedByExport, d.SizeBytes, info.Size)
 	}
+	// Servers fix an export's size when a connection is negotiated, so the
+	// device's connections must be renewed for the new space to be
+	// usable. Only connections this process made can be ended.
+	a.mu.Lock()
+	w := a.watched[volumeID]
+	canRenew := w != nil && w.sup != nil && (len(w.socks) > 0 || len(w.relays) > 0)
+	a.mu.Unlock()
+	if !canRenew {
+		return 0, fmt.Errorf("%w: online resize of %s needs connections made by this plugin instance; unstage and stage the volume to pick up the new size", nbd.ErrNotSupportedByExport, d.Path)
+	}
 	if err := a.dev.Resize(ctx, d.Index, BackendID(volumeID), info.Size); err != nil {
 		return 0, err
 	}
-	// Supervision compares a reconnected export with the device's size:
-	// restart it with the new one.
-	d.SizeBytes = info.Size
-	a.supervise(spec, d, *info, a.takeRelays(volumeID))
+	a.mu.Lock()
+	w.sup.SetExport(info.Size, uint16(info.Flags))
+	w.renew()
+	a.mu.Unlock()
+	if err := a.waitHealthy(ctx, volumeID); err != nil {
+		return 0, fmt.Errorf("reconnect after resize: %w", err)
+	}
 	return info.Size, nil
 }
