@@ -62,13 +62,16 @@ func Probe(ctx context.Context, u *URI, opts ...Option) (*ExportInfo, error) {
 			}
 			err := s.negotiateInfo(nbdproto.OptInfo, u.Export, info)
 			switch {
+			case err == nil && info.Size == 0:
+				// Some servers (nbd-server 3.24) answer NBD_OPT_INFO with
+				// size 0; GO below tells the truth.
 			case err == nil:
 				fixFlags(s, info)
 				out = info
 				s.abort()
 				return nil
 			case !errors.Is(err, ErrUnsupported):
-				return err
+				return explainTLS(err, s)
 			}
 		}
 		if info.Handshake != HandshakeOldstyle {
@@ -96,7 +99,7 @@ func List(ctx context.Context, u *URI, opts ...Option) ([]ListEntry, error) {
 		}
 		l, err := s.list()
 		if err != nil {
-			return err
+			return explainTLS(err, s)
 		}
 		out = l
 		s.abort()
@@ -143,6 +146,12 @@ func withSession(ctx context.Context, u *URI, cfg *config, fn func(*session, *Ex
 		s.close()
 	}
 	if err != nil {
+		// The socket deadline equals the context's and may fire first.
+		if errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, context.DeadlineExceeded) {
+			if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+				err = fmt.Errorf("%w (%w)", context.DeadlineExceeded, err)
+			}
+		}
 		if ctxErr := ctx.Err(); ctxErr != nil && !errors.Is(err, ctxErr) {
 			err = fmt.Errorf("%w (%w)", ctxErr, err)
 		}

@@ -110,6 +110,7 @@ type optReply struct {
 // readReply reads one option reply to opt. Error replies are returned as
 // *OptionError, with the session left clean (a final reply was read).
 func (s *session) readReply(opt uint32) (optReply, error) {
+	s.quickAck()
 	var hdr [nbdproto.OptReplyHeaderLen]byte
 	if _, err := io.ReadFull(s.stream, hdr[:]); err != nil {
 		return optReply{}, fmt.Errorf("read reply to %s: %w", OptionName(opt), eofIsUnexpected(err))
@@ -346,6 +347,7 @@ func (s *session) exportName(name string, info *ExportInfo) error {
 		n += nbdproto.ExportNamePadding
 	}
 	buf := make([]byte, n)
+	s.quickAck()
 	if _, err := io.ReadFull(s.stream, buf); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			return fmt.Errorf("server closed the connection after NBD_OPT_EXPORT_NAME %q (the export may not exist or may require TLS): %w", name, io.ErrUnexpectedEOF)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the real-kernel test suites in one QEMU VM (test/vm): each package's
+# tests are compiled on the host and run as root inside the guest, where the
+# nbd module, real servers, mkfs and mount are available.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+VM_TIMEOUT=${VM_TIMEOUT:-25m}
+# Packages with TestKernel* tests, and the -test.run pattern for each.
+pkgs=(./pkg/device)
+[ -d test/kernel ] && pkgs+=(./test/kernel)
+
+args=()
+script="modprobe nbd nbds_max=16 max_part=0"
+for p in "${pkgs[@]}"; do
+	args+=(-gotest "$p")
+	name=$(basename "$p")
+	script+=" && echo '=== $name' && /bin/$name.test -test.v -test.timeout ${VM_TIMEOUT} -test.run '^TestKernel'"
+done
+start=$(date +%s)
+go run ./test/vm/cmd/vmrun -timeout "$VM_TIMEOUT" -mem 3072 "${args[@]}" -- "$script"
+echo "vm-test: kernel suites passed in $(( $(date +%s) - start ))s"

@@ -1,0 +1,140 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package kernel
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/nbd-csi/nbd-csi/pkg/attach"
+	"github.com/nbd-csi/nbd-csi/pkg/device"
+	"github.com/nbd-csi/nbd-csi/pkg/driver"
+)
+
+// requireKernel skips unless the nbd driver can be used; inside the VM rig
+// (NBDCSI_IN_VM=1) it fails instead, so the suite can never pass by skipping.
+func requireKernel(t *testing.T) {
+	t.Helper()
+	why := ""
+	switch {
+	case os.Geteuid() != 0:
+		why = "needs root"
+	default:
+		if _, err := os.Stat("/sys/module/nbd"); err != nil {
+			why = "the nbd module is not loaded (modprobe nbd)"
+		}
+	}
+	if why == "" {
+		return
+	}
+	if os.Getenv("NBDCSI_IN_VM") == "1" {
+		t.Fatalf("kernel test cannot run in the VM: %s", why)
+	}
+	t.Skipf("kernel test: %s (make vm-test runs these in a VM)", why)
+}
+
+// node is a node service on the real kernel, as `nbd-csi serve --mode=node`
+// builds it.
+type node struct {
+	t        *testing.T
+	svc      *driver.NodeService
+	att      *attach.Attacher
+	kubelet  string
+	stateDir string
+}
+
+func newNode(t *testing.T) *node {
+	t.Helper()
+	requireKernel(t)
+	root := t.TempDir()
+	n := &node{t: t, kubelet: filepath.Join(root, "kubelet"), stateDir: filepath.Join(root, "state")}
+	n.start()
+	t.Cleanup(func() { n.att.Close() })
+	return n
+}
+
+// start builds the attacher and node service (again, after stop: a plugin
+// restart within the process — devices outlive both).
+func (n *node) start() {
+	n.t.Helper()
+	ctx := context.Background()
+	n.att = attach.New(ctx, attach.Options{Device: device.Options{Module: device.ModuleOptions{Skip: true}},
+		SecretsDir: filepath.Join(n.stateDir, "tls")})
+	if err := n.att.Ready(ctx); err != nil {
+		n.t.Fatal(err)
+	}
+	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "vm", KubeletDir: n.kubelet, StateDir: n.stateDir}, n.att, driver.NewNodeMounter())
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	svc.Start(ctx)
+	n.svc = svc
+}
+
+func (n *node) stop() { n.att.Close() }
+
+func (n *node) staging(vol string) string {
+	return filepath.Join(n.kubelet, "plugins", "kubernetes.io", "csi", "nbd", vol, "globalmount")
+}
+
+func (n *node) target(vol string) string {
+	return filepath.Join(n.kubelet, "pods", "pod-"+vol, "volumes", "kubernetes.io~csi", vol, "mount")
+}
+
+func fsCap(fs string) *csi.VolumeCapability {
+	return &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fs}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
+}
+
+func blockCap() *csi.VolumeCapability {
+	return &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
+}
+
+// stagePublish stages and publishes vol and returns the target path.
+func (n *node) stagePublish(vol string, c *csi.VolumeCapability, vc map[string]string) string {
+	n.t.Helper()
+	ctx := context.Background()
+	if _, err := n.svc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: n.staging(vol),
+		VolumeCapability: c, VolumeContext: vc}); err != nil {
+		n.t.Fatalf("stage %s: %v", vol, err)
+	}
+	target := n.target(vol)
+	if c.GetBlock() != nil {
+		target = filepath.Join(n.kubelet, "pods", "pod-"+vol, "volumeDevices", "kubernetes.io~csi", vol)
+	}
+	if _, err := n.svc.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: n.staging(vol),
+		TargetPath: target, VolumeCapability: c}); err != nil {
+		n.t.Fatalf("publish %s: %v", vol, err)
+	}
+	return target
+}
+
+// unpublishUnstage undoes stagePublish.
+func (n *node) unpublishUnstage(vol, target string) {
+	n.t.Helper()
+	ctx := context.Background()
+	if _, err := n.svc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target}); err != nil {
+		n.t.Fatalf("unpublish %s: %v", vol, err)
+	}
+	if _, err := n.svc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: n.staging(vol)}); err != nil {
+		n.t.Fatalf("unstage %s: %v", vol, err)
+	}
+}
+
+func randomBytes(t *testing.T, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func sum(b []byte) [32]byte { return sha256.Sum256(b) }
