@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/nbd-csi/nbd-csi/internal/servers"
+)
+
+func runCLI(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(context.Background(), args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func TestCLIProbeAndList(t *testing.T) {
+	dir := t.TempDir()
+	for name, size := range map[string]int64{"small": 1 << 20, "large": 8 << 20} {
+		f, err := os.Create(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(size); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+	srv := servers.Nbdkit(t, servers.Unix, "file", "dir="+dir)
+
+	code, out, errOut := runCLI(t, "probe", "--json", srv.URI("large"))
+	if code != 0 {
+		t.Fatalf("probe exit %d: %s", code, errOut)
+	}
+	var p ProbeOutput
+	if err := json.Unmarshal([]byte(out), &p); err != nil {
+		t.Fatalf("probe --json output %q: %v", out, err)
+	}
+	if p.Export != "large" || p.Size != 8<<20 || p.Handshake != "fixed-newstyle" || p.TLS || !p.StructuredReplies ||
+		!cmp.Equal(p.MetaContexts, []string{"base:allocation"}) {
+		t.Errorf("probe --json = %+v", p)
+	}
+
+	code, out, _ = runCLI(t, "probe", srv.URI("small"))
+	if code != 0 || !strings.Contains(out, "1048576 (1.0 MiB)") || !strings.Contains(out, "fixed-newstyle") {
+		t.Errorf("probe text (exit %d):\n%s", code, out)
+	}
+
+	code, out, errOut = runCLI(t, "list", "--json", srv.URI(""))
+	if code != 0 {
+		t.Fatalf("list exit %d: %s", code, errOut)
+	}
+	var l ListOutput
+	if err := json.Unmarshal([]byte(out), &l); err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range l.Exports {
+		names = append(names, e.Name)
+	}
+	slices.Sort(names) // the server's order is its directory order
+	if diff := cmp.Diff([]string{"large", "small"}, names); diff != "" {
+		t.Errorf("list names (-want +got):\n%s", diff)
+	}
+
+	// Failures: one line on stderr, exit 1; usage errors exit 2.
+	code, _, errOut = runCLI(t, "probe", srv.URI("missing"))
+	if code != 1 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, "unknown export") {
+		t.Errorf("probe of a missing export: exit %d, stderr %q", code, errOut)
+	}
+	for _, args := range [][]string{
+		{"probe"}, {"probe", "http://x/y"}, {"probe", "nbd://h/e?bogus=1"}, {"probe", "--nope", "nbd://h/e"}, {"frobnicate"},
+	} {
+		if code, _, _ := runCLI(t, args...); code != 2 {
+			t.Errorf("%q: exit %d, want 2", args, code)
+		}
+	}
+}
+
+func TestCLITLS(t *testing.T) {
+	certs := servers.GenerateCerts(t)
+	srv := servers.Nbdkit(t, servers.TCP, "--tls=require", "--tls-certificates="+certs.Dir, "memory", "size=1M")
+	// No TLS material: refused, and the message says what to do.
+	code, _, errOut := runCLI(t, "probe", srv.URI(""))
+	if code != 1 || !strings.Contains(errOut, "TLS required") || !strings.Contains(errOut, "nbds://") {
+		t.Errorf("plaintext probe of a TLS-only server: exit %d, %q", code, errOut)
+	}
+	code, out, errOut := runCLI(t, "probe", "--json", "--tls-ca", certs.CAFile, srv.TLSURI(""))
+	if code != 0 || !strings.Contains(out, `"tls": true`) {
+		t.Errorf("probe with --tls-ca: exit %d, %s %s", code, out, errOut)
+	}
+	// TLS asked for against a plaintext server: never a silent downgrade.
+	plain := servers.Nbdkit(t, servers.TCP, "memory", "size=1M")
+	code, _, errOut = runCLI(t, "probe", "--tls-ca", certs.CAFile, plain.URI(""))
+	if code != 1 || !strings.Contains(errOut, "TLS") {
+		t.Errorf("TLS probe of a plaintext server: exit %d, %q", code, errOut)
+	}
+}
