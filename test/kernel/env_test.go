@@ -109,6 +109,13 @@ func (n *node) stagePublish(vol string, c *csi.VolumeCapability, vc map[string]s
 	if c.GetBlock() != nil {
 		target = filepath.Join(n.kubelet, "pods", "pod-"+vol, "volumeDevices", "kubernetes.io~csi", vol)
 	}
+	// A failing test still leaves no mount or device behind (idempotent
+	// calls: after a successful unpublishUnstage these do nothing).
+	n.t.Cleanup(func() {
+		ctx := context.Background()
+		_, _ = n.svc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target})
+		_, _ = n.svc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: n.staging(vol)})
+	})
 	if _, err := n.svc.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: n.staging(vol),
 		TargetPath: target, VolumeCapability: c}); err != nil {
 		n.t.Fatalf("publish %s: %v", vol, err)
