@@ -9,7 +9,11 @@ VM_TIMEOUT=${VM_TIMEOUT:-25m}
 pkgs=(./pkg/device)
 [ -d test/kernel ] && pkgs+=(./test/kernel)
 
-args=()
+# The plugin binary, for tests that run `nbd-csi serve` as a process.
+bindir=$(mktemp -d)
+trap 'rm -rf "$bindir"' EXIT
+CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
+args=(-file "$bindir/nbd-csi:/bin/nbd-csi" -env NBDCSI_BIN=/bin/nbd-csi)
 script="modprobe nbd nbds_max=16 max_part=0"
 for p in "${pkgs[@]}"; do
 	args+=(-gotest "$p")
