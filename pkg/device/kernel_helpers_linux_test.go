@@ -3,15 +3,11 @@
 package device
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +16,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/nbd-csi/nbd-csi/internal/servers"
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 	"golang.org/x/sys/unix"
 )
 
@@ -63,60 +61,31 @@ func kernelNetlink(t *testing.T) *Netlink {
 	return n
 }
 
-// nbdkit is a server started on a Unix socket in a temporary directory.
+// nbdkit is a real NBD server for the kernel tests (the name is historical:
+// it may also be qemu-nbd or nbd-server), started by internal/servers.
 type nbdkit struct {
-	t    *testing.T
-	sock string
-	args []string
-	cmd  *exec.Cmd
+	*servers.Server
+	// export is dialled when the caller names none.
+	export string
 }
 
-// startNbdkit runs "nbdkit -f -U sock ARGS..." and waits for its pid file.
+// startNbdkit runs nbdkit with ARGS on a unix socket.
 func startNbdkit(t *testing.T, args ...string) *nbdkit {
 	t.Helper()
-	k := &nbdkit{t: t, sock: filepath.Join(t.TempDir(), "nbd.sock"), args: args}
-	k.start()
-	t.Cleanup(k.kill)
-	return k
+	return &nbdkit{Server: servers.Nbdkit(t, servers.Unix, args...)}
 }
 
-func (k *nbdkit) start() {
-	k.t.Helper()
-	pidfile := k.sock + ".pid"
-	_ = os.Remove(pidfile)
-	_ = os.Remove(k.sock)
-	argv := append([]string{"-f", "--exit-with-parent", "-U", k.sock, "--pidfile", pidfile}, k.args...)
-	cmd := exec.Command("nbdkit", argv...)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		k.t.Fatalf("nbdkit: %v", err)
-	}
-	k.cmd = cmd
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(pidfile); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			k.t.Fatalf("nbdkit %v did not start", argv)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+func (k *nbdkit) start() { k.Start() }
 
-// kill stops the server at once (SIGKILL).
-func (k *nbdkit) kill() {
-	if k.cmd == nil {
-		return
-	}
-	_ = k.cmd.Process.Kill()
-	_ = k.cmd.Wait()
-	k.cmd = nil
-}
+// kill stops the server at once (SIGKILL), as a crash would.
+func (k *nbdkit) kill() { k.Kill() }
 
 // dial connects to the export and negotiates it for the kernel.
 func (k *nbdkit) dial(name string) (*os.File, uint64, uint16, error) {
-	return dialExport(k.sock, name)
+	if name == "" {
+		name = k.export
+	}
+	return dialExport(k.URI(name))
 }
 
 // dialN opens n connections (for multi-conn).
@@ -136,67 +105,26 @@ func (k *nbdkit) dialN(t *testing.T, n int) ([]*os.File, uint64, uint16) {
 	return files, size, flags
 }
 
-// dialExport is a minimal fixed-newstyle client: NBD_OPT_GO with no
-// information requests and nothing else (no structured replies, which the
-// kernel cannot parse), so every handshake byte is consumed when it
-// returns. Test-only.
-//
-// TODO(pkg/nbd): switch to nbd.Dial(ctx, uri, nbd.WithProfile(nbd.ProfileKernel))
-// and conn.File() once the lead says pkg/nbd's kernel profile is ready.
-func dialExport(sock, name string) (*os.File, uint64, uint16, error) {
-	c, err := net.DialTimeout("unix", sock, 5*time.Second)
+// dialExport negotiates uri with pkg/nbd's kernel profile and returns the
+// socket for the kernel with the export's size and flags.
+func dialExport(uri string) (*os.File, uint64, uint16, error) {
+	u, err := nbd.ParseURI(uri)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := nbd.Dial(ctx, u, nbd.WithProfile(nbd.ProfileKernel))
 	if err != nil {
 		return nil, 0, 0, err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	be := binary.BigEndian
-	var greet [18]byte
-	if _, err := io.ReadFull(c, greet[:]); err != nil {
-		return nil, 0, 0, fmt.Errorf("greeting: %w", err)
-	}
-	if be.Uint64(greet[0:]) != 0x4e42444d41474943 || be.Uint64(greet[8:]) != 0x49484156454F5054 ||
-		be.Uint16(greet[16:])&1 == 0 {
-		return nil, 0, 0, fmt.Errorf("not a fixed-newstyle server: %x", greet)
-	}
-	clientFlags := uint32(1) | uint32(be.Uint16(greet[16:])&2) // FIXED_NEWSTYLE, NO_ZEROES if offered
-	var req bytes.Buffer
-	data := be.AppendUint32(nil, uint32(len(name)))
-	data = append(data, name...)
-	data = be.AppendUint16(data, 0) // no information requests
-	req.Write(be.AppendUint32(nil, clientFlags))
-	req.Write(be.AppendUint64(nil, 0x49484156454F5054))
-	req.Write(be.AppendUint32(nil, 7)) // NBD_OPT_GO
-	req.Write(be.AppendUint32(nil, uint32(len(data))))
-	req.Write(data)
-	if _, err := c.Write(req.Bytes()); err != nil {
+	f, err := c.File()
+	if err != nil {
 		return nil, 0, 0, err
 	}
-	var size uint64
-	var flags uint16
-	for {
-		var hdr [20]byte
-		if _, err := io.ReadFull(c, hdr[:]); err != nil {
-			return nil, 0, 0, fmt.Errorf("option reply: %w", err)
-		}
-		typ, n := be.Uint32(hdr[12:]), be.Uint32(hdr[16:])
-		if be.Uint64(hdr[0:]) != 0x3e889045565a9 || be.Uint32(hdr[8:]) != 7 || n > 4096 {
-			return nil, 0, 0, fmt.Errorf("bad option reply %x", hdr)
-		}
-		payload := make([]byte, n)
-		if _, err := io.ReadFull(c, payload); err != nil {
-			return nil, 0, 0, err
-		}
-		switch {
-		case typ == 1: // NBD_REP_ACK: transmission starts
-			f, err := c.(*net.UnixConn).File()
-			return f, size, flags, err
-		case typ&(1<<31) != 0:
-			return nil, 0, 0, fmt.Errorf("NBD_OPT_GO: error %#x: %s", typ, payload)
-		case typ == 3 && n == 12 && be.Uint16(payload) == 0: // NBD_INFO_EXPORT
-			size, flags = be.Uint64(payload[2:]), be.Uint16(payload[10:])
-		}
-	}
+	info := c.Export()
+	return f, info.Size, uint16(info.Flags), nil
 }
 
 // alignedBuf returns an n-byte buffer aligned for O_DIRECT.

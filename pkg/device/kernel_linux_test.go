@@ -3,6 +3,8 @@
 package device
 
 import (
+	"github.com/nbd-csi/nbd-csi/internal/servers"
+
 	"bytes"
 	"context"
 	"errors"
@@ -39,6 +41,23 @@ func TestKernelNetlinkAttach(t *testing.T) {
 		file := sparseFile(t, t.TempDir(), "disk.img", 32<<20)
 		srv := startNbdkit(t, "file", "file="+file)
 		attachWriteRead(t, n, srv, "kt-file", file)
+	})
+}
+
+// TestKernelAttachOtherServers attaches exports of qemu-nbd and nbd-server
+// (nbdkit is covered above) and moves data both ways, checked on the
+// server's file.
+func TestKernelAttachOtherServers(t *testing.T) {
+	n := kernelNetlink(t)
+	t.Run("qemu-nbd", func(t *testing.T) {
+		file := sparseFile(t, t.TempDir(), "disk.img", 32<<20)
+		srv := &nbdkit{Server: servers.QemuNBD(t, servers.Unix, "-x", "disk", "-f", "raw", file), export: "disk"}
+		attachWriteRead(t, n, srv, "kt-qemu", file)
+	})
+	t.Run("nbd-server", func(t *testing.T) {
+		file := sparseFile(t, t.TempDir(), "disk.img", 32<<20)
+		srv := &nbdkit{Server: servers.NBDServer(t, servers.Unix, "[disk]\nexportname = "+file+"\n"), export: "disk"}
+		attachWriteRead(t, n, srv, "kt-nbd-server", file)
 	})
 }
 

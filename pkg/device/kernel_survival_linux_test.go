@@ -25,16 +25,16 @@ const (
 )
 
 func TestMain(m *testing.M) {
-	if sock := os.Getenv(envChildSock); sock != "" {
-		os.Exit(childAttach(sock, os.Getenv(envChildBackend)))
+	if uri := os.Getenv(envChildSock); uri != "" {
+		os.Exit(childAttach(uri, os.Getenv(envChildBackend)))
 	}
 	os.Exit(m.Run())
 }
 
-// childAttach attaches the export at sock, prints "INDEX=<n>" and waits to
+// childAttach attaches the export at uri, prints "INDEX=<n>" and waits to
 // be killed.
-func childAttach(sock, id string) int {
-	f, size, flags, err := dialExport(sock, "")
+func childAttach(uri, id string) int {
+	f, size, flags, err := dialExport(uri)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 1
@@ -66,7 +66,7 @@ func TestKernelSurvivesAttacherKill(t *testing.T) {
 	srv := startNbdkit(t, "file", "file="+file)
 	const id = "kt-child"
 	child := exec.Command(os.Args[0], "-test.run=^$")
-	child.Env = append(os.Environ(), envChildSock+"="+srv.sock, envChildBackend+"="+id)
+	child.Env = append(os.Environ(), envChildSock+"="+srv.URI(""), envChildBackend+"="+id)
 	child.Stderr = os.Stderr
 	out, err := child.StdoutPipe()
 	if err != nil {
