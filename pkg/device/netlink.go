@@ -163,7 +163,16 @@ func (n *Netlink) waitReady(ctx context.Context, index uint32, c normalized) (*D
 			return false, "", err
 		}
 		state := fmt.Sprintf("pid %d, %d sectors of %d, node %v", pid, sectors, c.expectedSectors, isDevice(path))
-		return pid != 0 && c.sizeShown(sectors) && isDevice(path), state, nil
+		if pid == 0 || !c.sizeShown(sectors) || !isDevice(path) {
+			return false, state, nil
+		}
+		// Under concurrent attaches and detaches the kernel was seen
+		// answering ENODEV for a moment on a freshly started device's
+		// backend file (sysfs attribute being replaced); read it again.
+		if _, _, err := n.sys.backend(index); errors.Is(err, syscall.ENODEV) {
+			return false, state + ", backend file not readable yet", nil
+		}
+		return true, state, nil
 	})
 	if err != nil {
 		return nil, err
