@@ -4,6 +4,10 @@
 //
 //	nbd-csi probe [--json] [TLS flags] URI   describe one export
 //	nbd-csi list  [--json] [TLS flags] URI   list a server's exports
+//	nbd-csi serve [flags]                    serve CSI (node, controller or both)
+//	nbd-csi attach [flags] URI               attach an export to /dev/nbdN
+//	nbd-csi detach DEVICE|--id ID            detach a device
+//	nbd-csi devices [--json]                 list nbd devices
 //	nbd-csi version                          print the version
 //
 // See docs/cli.md for every flag and the JSON field names.
@@ -32,6 +36,9 @@ func commands() []command {
 		{"serve", "serve CSI (controller, node or both)", runServe},
 		{"probe", "connect to an export and describe it", runProbe},
 		{"list", "list the exports of a server", runList},
+		{"attach", "attach an export to a kernel nbd device (for operators and tests)", runAttach},
+		{"detach", "detach an nbd device", runDetach},
+		{"devices", "list the kernel's nbd devices and who attached them", runDevices},
 		{"version", "print the version", runVersion},
 	}
 }

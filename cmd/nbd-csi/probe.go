@@ -30,6 +30,11 @@ type clientFlags struct {
 func (c *clientFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.json, "json", false, "print JSON (field names in docs/cli.md)")
 	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "connect and handshake timeout")
+	c.registerTLS(fs)
+}
+
+// registerTLS registers only the TLS flags.
+func (c *clientFlags) registerTLS(fs *flag.FlagSet) {
 	fs.StringVar(&c.tlsCA, "tls-ca", "", "PEM CA bundle to verify the server (enables TLS)")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM client certificate (enables TLS; needs --tls-key)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM client private key (enables TLS; needs --tls-cert)")
@@ -40,13 +45,30 @@ func (c *clientFlags) register(fs *flag.FlagSet) {
 // options turns the flags into dial options. Any TLS flag turns TLS on,
 // and then the connection never continues in plaintext.
 func (c *clientFlags) options() []nbd.Option {
+	if t := c.tlsOptions(); t != nil {
+		return []nbd.Option{nbd.WithTLS(t)}
+	}
+	return nil
+}
+
+// tlsOptions returns the TLS material the flags give, nil for none.
+func (c *clientFlags) tlsOptions() *nbd.TLSOptions {
 	if c.tlsCA == "" && c.tlsCert == "" && c.tlsKey == "" && c.tlsName == "" && !c.insecure {
 		return nil
 	}
-	return []nbd.Option{nbd.WithTLS(&nbd.TLSOptions{
+	return &nbd.TLSOptions{
 		CAFile: c.tlsCA, CertFile: c.tlsCert, KeyFile: c.tlsKey,
 		ServerName: c.tlsName, InsecureSkipVerify: c.insecure,
-	})}
+	}
+}
+
+// parseURI parses a URI argument; a bad one is a usage error.
+func parseURI(s string) (*nbd.URI, error) {
+	u, err := nbd.ParseURI(s)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return u, nil
 }
 
 // parse parses args, which must leave exactly one URI.
@@ -66,11 +88,7 @@ func (c *clientFlags) parse(name string, args []string) (*nbd.URI, error) {
 	if fs.NArg() != 1 {
 		return nil, fmt.Errorf("%w: want exactly one URI, got %d arguments", errUsage, fs.NArg())
 	}
-	u, err := nbd.ParseURI(fs.Arg(0))
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errUsage, err)
-	}
-	return u, nil
+	return parseURI(fs.Arg(0))
 }
 
 // ProbeOutput is the JSON document `nbd-csi probe --json` prints. Field

@@ -25,9 +25,14 @@ import (
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
-// BackendPrefix marks the devices this driver attached: their backend
+// BackendPrefix marks the devices the CSI driver attached: their backend
 // identifier is the prefix followed by the volume ID.
 const BackendPrefix = "nbd-csi:"
+
+// CLIBackendPrefix marks devices attached by `nbd-csi attach`, so that the
+// node plugin never mistakes them for its own (and never sweeps them as
+// orphans).
+const CLIBackendPrefix = "nbd-csi-cli:"
 
 // Options configure an Attacher.
 type Options struct {
@@ -41,6 +46,9 @@ type Options struct {
 	// PollInterval is how often supervised devices are checked besides
 	// LINK_DEAD notifications (0: the device package default).
 	PollInterval time.Duration
+	// BackendPrefix prefixes the volume ID in backend identifiers; empty
+	// means BackendPrefix.
+	BackendPrefix string
 }
 
 // Attacher implements driver.VolumeAttacher on the real kernel.
@@ -150,15 +158,30 @@ func (a *Attacher) Ready(context.Context) error {
 	return nil
 }
 
-// BackendID returns the backend identifier of a volume's device. Volume IDs
-// too long for the kernel's limit are hashed.
-func BackendID(volumeID string) string {
-	id := BackendPrefix + volumeID
+// BackendID returns the backend identifier of a volume's device made by
+// the CSI driver.
+func BackendID(volumeID string) string { return backendID(BackendPrefix, volumeID) }
+
+// BackendID returns the backend identifier this attacher gives a volume's
+// device.
+func (a *Attacher) BackendID(volumeID string) string { return backendID(a.prefix(), volumeID) }
+
+func (a *Attacher) prefix() string {
+	if a.opts.BackendPrefix != "" {
+		return a.opts.BackendPrefix
+	}
+	return BackendPrefix
+}
+
+// backendID joins prefix and volume ID; IDs too long for the kernel's limit
+// are hashed.
+func backendID(prefix, volumeID string) string {
+	id := prefix + volumeID
 	if len(id) <= device.MaxBackendIDLen {
 		return id
 	}
 	h := sha256.Sum256([]byte(volumeID))
-	return BackendPrefix + "sha256:" + hex.EncodeToString(h[:])
+	return prefix + "sha256:" + hex.EncodeToString(h[:])
 }
 
 // negotiated is the result of dialling an export for the kernel.
@@ -269,7 +292,7 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	}
 	cfg := device.Config{
 		Sockets: n.files, SizeBytes: n.info.Size, BlockSize: bs, ServerFlags: uint16(n.info.Flags),
-		Timeout: spec.Timeout, DeadConnTimeout: spec.DeadConnTimeout, BackendID: BackendID(spec.VolumeID),
+		Timeout: spec.Timeout, DeadConnTimeout: spec.DeadConnTimeout, BackendID: a.BackendID(spec.VolumeID),
 		ReadOnly: spec.ReadOnly,
 	}
 	d, err := a.dev.Attach(ctx, cfg)
@@ -295,7 +318,7 @@ func (a *Attacher) Adopt(ctx context.Context, spec driver.AttachSpec) error {
 	if err := a.Ready(ctx); err != nil {
 		return err
 	}
-	d, err := a.dev.FindByBackend(ctx, BackendID(spec.VolumeID))
+	d, err := a.dev.FindByBackend(ctx, a.BackendID(spec.VolumeID))
 	if err != nil {
 		return err
 	}
@@ -368,7 +391,7 @@ func (a *Attacher) reconnectNow(ctx context.Context, spec driver.AttachSpec, d *
 		return err
 	}
 	defer n.closeFiles()
-	if err := a.dev.Reconfigure(ctx, d.Index, device.Reconfig{BackendID: BackendID(spec.VolumeID), Sockets: n.files}); err != nil {
+	if err := a.dev.Reconfigure(ctx, d.Index, device.Reconfig{BackendID: a.BackendID(spec.VolumeID), Sockets: n.files}); err != nil {
 		for _, r := range n.relays {
 			r.close()
 		}
@@ -402,7 +425,7 @@ func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.
 	}
 	flags := uint16(info.Flags)
 	sup, err := device.NewSupervisor(rc, device.SupervisorConfig{
-		Index: d.Index, BackendID: BackendID(spec.VolumeID), SizeBytes: d.SizeBytes, ServerFlags: flags,
+		Index: d.Index, BackendID: a.BackendID(spec.VolumeID), SizeBytes: d.SizeBytes, ServerFlags: flags,
 		DeadConnTimeout: spec.DeadConnTimeout, PollInterval: a.opts.PollInterval,
 		Redial: func(ctx context.Context) ([]*os.File, uint64, uint16, error) {
 			n, err := dial(ctx, spec)
@@ -492,7 +515,7 @@ func (a *Attacher) Lookup(ctx context.Context, volumeID string) (*driver.Attachm
 	if err := a.Ready(ctx); err != nil {
 		return nil, err
 	}
-	d, err := a.dev.FindByBackend(ctx, BackendID(volumeID))
+	d, err := a.dev.FindByBackend(ctx, a.BackendID(volumeID))
 	if errors.Is(err, device.ErrNotFound) {
 		return nil, fmt.Errorf("%w: %w", driver.ErrNotAttached, err)
 	}
@@ -513,7 +536,7 @@ func (a *Attacher) List(ctx context.Context) ([]driver.Attachment, error) {
 	}
 	var out []driver.Attachment
 	for _, d := range devs {
-		if id, ok := strings.CutPrefix(d.BackendID, BackendPrefix); ok {
+		if id, ok := strings.CutPrefix(d.BackendID, a.prefix()); ok {
 			out = append(out, *a.attachment(id, d))
 		}
 	}
@@ -533,7 +556,7 @@ func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 		w.cancel()
 		<-w.done
 	}
-	err := a.dev.DetachBackend(ctx, BackendID(volumeID))
+	err := a.dev.DetachBackend(ctx, a.BackendID(volumeID))
 	if w != nil {
 		w.release()
 	}
@@ -551,7 +574,7 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.Atta
 	if err := a.Ready(ctx); err != nil {
 		return 0, err
 	}
-	d, err := a.dev.FindByBackend(ctx, BackendID(volumeID))
+	d, err := a.dev.FindByBackend(ctx, a.BackendID(volumeID))
 	if errors.Is(err, device.ErrNotFound) {
 		return 0, fmt.Errorf("%w: %w", driver.ErrNotAttached, err)
 	}
@@ -581,7 +604,7 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.Atta
 	if !canRenew {
 		return 0, fmt.Errorf("%w: online resize of %s needs connections made by this plugin instance; unstage and stage the volume to pick up the new size", nbd.ErrNotSupportedByExport, d.Path)
 	}
-	if err := a.dev.Resize(ctx, d.Index, BackendID(volumeID), info.Size); err != nil {
+	if err := a.dev.Resize(ctx, d.Index, a.BackendID(volumeID), info.Size); err != nil {
 		return 0, err
 	}
 	a.mu.Lock()

@@ -115,14 +115,14 @@ func (p *plugin) terminate() error {
 	}
 }
 
-// backendAttached reports whether a device carries our backend identifier
-// for vol (read from sysfs, as the kernel reports it).
-func backendAttached(t *testing.T, vol string) bool {
+// backendAttached reports whether a started device carries the backend
+// identifier id (read from sysfs, as the kernel reports it).
+func backendAttached(t *testing.T, id string) bool {
 	t.Helper()
 	files, _ := filepath.Glob("/sys/block/nbd*/backend")
 	for _, f := range files {
 		b, err := os.ReadFile(f)
-		if err == nil && strings.TrimSpace(string(b)) == "nbd-csi:"+vol {
+		if err == nil && strings.TrimSpace(string(b)) == id {
 			if _, err := os.Stat(filepath.Join(filepath.Dir(f), "pid")); err == nil {
 				return true
 			}
@@ -200,7 +200,7 @@ func pluginKilled(t *testing.T, useTLS bool) {
 	if err := p.terminate(); err != nil {
 		t.Errorf("plugin exit after SIGTERM: %v", err)
 	}
-	if !backendAttached(t, vol) {
+	if !backendAttached(t, "nbd-csi:"+vol) {
 		t.Fatal("SIGTERM detached the volume")
 	}
 	p.start()
@@ -214,7 +214,7 @@ func pluginKilled(t *testing.T, useTLS bool) {
 	if _, err := p.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: staging}); err != nil {
 		t.Fatal(err)
 	}
-	if backendAttached(t, vol) {
+	if backendAttached(t, "nbd-csi:"+vol) {
 		t.Error("device still attached after unstage by the new process")
 	}
 }

@@ -1,0 +1,210 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nbd-csi/nbd-csi/pkg/attach"
+	"github.com/nbd-csi/nbd-csi/pkg/device"
+	"github.com/nbd-csi/nbd-csi/pkg/driver"
+)
+
+// deviceFlags are the kernel-side flags shared by attach, detach and devices.
+type deviceFlags struct {
+	netlink, ioctl bool
+	sysRoot        string
+	devRoot        string
+	skipModprobe   bool
+}
+
+func (f *deviceFlags) register(fs *flag.FlagSet) {
+	fs.BoolVar(&f.netlink, "netlink", false, "use the netlink interface (the default when available)")
+	fs.BoolVar(&f.ioctl, "ioctl", false, "use the ioctl interface (the device then lives only as long as this command)")
+	fs.StringVar(&f.sysRoot, "sys-root", "/sys", "where sysfs is mounted")
+	fs.StringVar(&f.devRoot, "dev-root", "/dev", "where device nodes are")
+	fs.BoolVar(&f.skipModprobe, "skip-modprobe", false, "never run modprobe")
+}
+
+func (f *deviceFlags) options() (device.Options, error) {
+	o := device.Options{SysRoot: f.sysRoot, DevRoot: f.devRoot, Module: device.ModuleOptions{Skip: f.skipModprobe}}
+	switch {
+	case f.netlink && f.ioctl:
+		return o, fmt.Errorf("%w: --netlink and --ioctl exclude each other", errUsage)
+	case f.netlink:
+		o.Backend = device.BackendNetlink
+	case f.ioctl:
+		o.Backend = device.BackendIoctl
+	}
+	return o, nil
+}
+
+func parseFlags(fs *flag.FlagSet, args []string, usage string) error {
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: nbd-csi %s\n\nFlags:\n", usage)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return nil
+}
+
+func runAttach(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
+	var df deviceFlags
+	df.register(fs)
+	var cf clientFlags
+	cf.registerTLS(fs)
+	conns := fs.Int("connections", 1, "sockets per device (used only when the export allows multi-conn)")
+	timeout := fs.Duration("timeout", 30*time.Second, "per-request I/O timeout (0: wait indefinitely)")
+	dead := fs.Duration("dead-conn-timeout", 0, "how long I/O waits for a reconnect; needs a process to reconnect, so 0 unless --ioctl")
+	id := fs.String("id", "", "identity recorded in the device's backend identifier (default: random)")
+	if err := parseFlags(fs, args, "attach [flags] URI"); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("%w: want exactly one URI", errUsage)
+	}
+	u, err := parseURI(fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	devOpts, err := df.options()
+	if err != nil {
+		return err
+	}
+	if *id == "" {
+		b := make([]byte, 6)
+		_, _ = rand.Read(b)
+		*id = hex.EncodeToString(b)
+	}
+	a := attach.New(ctx, attach.Options{Device: devOpts, BackendPrefix: attach.CLIBackendPrefix})
+	defer a.Close()
+	if err := a.Ready(ctx); err != nil {
+		return err
+	}
+	spec := driver.AttachSpec{VolumeID: *id, URI: u, TLS: cf.tlsOptions(), Connections: *conns, Timeout: *timeout, DeadConnTimeout: *dead}
+	if spec.TLS != nil || u.TLS() {
+		return fmt.Errorf("%w: a TLS export needs a process relaying it for as long as the device lives; use the CSI node plugin", errUsage)
+	}
+	att, err := a.Attach(ctx, spec)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, att.Device)
+	if !df.ioctl {
+		return nil
+	}
+	// An ioctl device is served by a thread of this process.
+	fmt.Fprintf(os.Stderr, "%s is attached with ioctl and lives as long as this command: press Ctrl-C (or send SIGTERM) to detach\n", att.Device)
+	sig, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	<-sig.Done()
+	dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return a.Detach(dctx, *id)
+}
+
+func runDetach(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("detach", flag.ContinueOnError)
+	var df deviceFlags
+	df.register(fs)
+	id := fs.String("id", "", "backend identity given to `nbd-csi attach --id` (instead of DEVICE)")
+	if err := parseFlags(fs, args, "detach [flags] DEVICE|--id ID"); err != nil {
+		return err
+	}
+	if (*id == "") == (fs.NArg() == 0) || fs.NArg() > 1 {
+		return fmt.Errorf("%w: give either a device (/dev/nbdN) or --id", errUsage)
+	}
+	devOpts, err := df.options()
+	if err != nil {
+		return err
+	}
+	devOpts.Module.Skip = true
+	d, err := device.New(ctx, devOpts)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if *id != "" {
+		return d.DetachBackend(ctx, attach.CLIBackendPrefix+*id)
+	}
+	var index uint32
+	if _, err := fmt.Sscanf(strings.TrimPrefix(fs.Arg(0), df.devRoot+"/"), "nbd%d", &index); err != nil {
+		return fmt.Errorf("%w: %q is not an nbd device", errUsage, fs.Arg(0))
+	}
+	return d.Detach(ctx, index)
+}
+
+// DeviceOutput is one device in `nbd-csi devices --json` (docs/cli.md).
+type DeviceOutput struct {
+	Device    string `json:"device"`
+	Index     uint32 `json:"index"`
+	BackendID string `json:"backend_id"`
+	Owner     string `json:"owner"`
+	Size      uint64 `json:"size"`
+	Connected bool   `json:"connected"`
+	PID       int    `json:"pid"`
+	ReadOnly  bool   `json:"read_only"`
+}
+
+func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("devices", flag.ContinueOnError)
+	var df deviceFlags
+	df.register(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parseFlags(fs, args, "devices [--json]"); err != nil {
+		return err
+	}
+	devOpts, err := df.options()
+	if err != nil {
+		return err
+	}
+	devOpts.Module.Skip = true
+	d, err := device.New(ctx, devOpts)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	list, err := d.List(ctx)
+	if err != nil {
+		return err
+	}
+	out := []DeviceOutput{}
+	for _, x := range list {
+		owner := "other"
+		switch {
+		case strings.HasPrefix(x.BackendID, attach.BackendPrefix):
+			owner = "csi"
+		case strings.HasPrefix(x.BackendID, attach.CLIBackendPrefix):
+			owner = "cli"
+		}
+		out = append(out, DeviceOutput{Device: x.Path, Index: x.Index, BackendID: x.BackendID, Owner: owner,
+			Size: x.SizeBytes, Connected: x.Connected, PID: x.PID, ReadOnly: x.ReadOnly})
+	}
+	if *asJSON {
+		return writeJSON(stdout, out)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tSIZE\tCONNECTED\tRO\tOWNER\tBACKEND")
+	for _, x := range out {
+		fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, x.Owner, x.BackendID)
+	}
+	return tw.Flush()
+}
