@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # make demo: starts a real NBD server (nbdkit, file plugin serving a directory
 # of disk images as a pool of exports) on a unix socket in a temp dir and shows
-# what nbd-csi does with it today: list the pool, probe each export.
+# what nbd-csi does with it: list the pool, probe each export, then walk a
+# volume through the CSI node services on a real kernel (the host's when it
+# has nbd, else Debian's in a QEMU VM).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 BIN=${BIN:-bin/nbd-csi}
@@ -46,4 +48,20 @@ set +e
 echo "exit status: $?"
 set -e
 
-step "Done. Next milestones (docs/architecture.md): kernel attach, then the CSI volume lifecycle."
+step "Volume lifecycle through the CSI services (stage, publish, write, read back, unpublish, unstage)"
+bindir="$work/bin"
+mkdir -p "$bindir"
+CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
+CGO_ENABLED=0 go build -o "$bindir/demo-lifecycle" ./hack/demo-lifecycle
+if [ "$(id -u)" = 0 ] && { [ -d /sys/module/nbd ] || modprobe nbd 2>/dev/null; }; then
+	echo "The host kernel has nbd: running here."
+	hack/demo-lifecycle.sh "$bindir/nbd-csi" "$bindir/demo-lifecycle"
+else
+	echo "The host kernel has no nbd driver: running in a QEMU VM with Debian's kernel (test/vm)."
+	go run ./test/vm/cmd/vmrun -timeout 5m \
+		-file "$bindir/nbd-csi:/bin/nbd-csi" -file "$bindir/demo-lifecycle:/bin/demo-lifecycle" \
+		-file "hack/demo-lifecycle.sh:/bin/demo-lifecycle.sh" \
+		-- 'modprobe nbd && /bin/demo-lifecycle.sh /bin/nbd-csi /bin/demo-lifecycle'
+fi
+
+step "Done."
