@@ -51,6 +51,17 @@ func (f *deviceFlags) options() (device.Options, error) {
 	return o, nil
 }
 
+// open returns the kernel interface for inspecting and detaching devices
+// (never loading the module: with no module there is nothing to inspect).
+func (f *deviceFlags) open(ctx context.Context) (device.Attacher, error) {
+	o, err := f.options()
+	if err != nil {
+		return nil, err
+	}
+	o.Module.Skip = true
+	return device.New(ctx, o)
+}
+
 func parseFlags(fs *flag.FlagSet, args []string, usage string) error {
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nbd-csi %s\n\nFlags:\n", usage)
@@ -132,12 +143,7 @@ func runDetach(ctx context.Context, args []string, stdout io.Writer) error {
 	if (*id == "") == (fs.NArg() == 0) || fs.NArg() > 1 {
 		return fmt.Errorf("%w: give either a device (/dev/nbdN) or --id", errUsage)
 	}
-	devOpts, err := df.options()
-	if err != nil {
-		return err
-	}
-	devOpts.Module.Skip = true
-	d, err := device.New(ctx, devOpts)
+	d, err := df.open(ctx)
 	if err != nil {
 		return err
 	}
@@ -172,12 +178,7 @@ func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := parseFlags(fs, args, "devices [--json]"); err != nil {
 		return err
 	}
-	devOpts, err := df.options()
-	if err != nil {
-		return err
-	}
-	devOpts.Module.Skip = true
-	d, err := device.New(ctx, devOpts)
+	d, err := df.open(ctx)
 	if err != nil {
 		return err
 	}

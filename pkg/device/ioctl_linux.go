@@ -297,27 +297,13 @@ func (x *Ioctl) Detach(ctx context.Context, index uint32) error {
 			return fmt.Errorf("%w: nbd%d: NBD_DO_IT has not returned: %w", ErrDeviceBusy, index, wctx.Err())
 		}
 	}
-	err = poll(wctx, fmt.Sprintf("nbd%d to be released", index), func() (bool, string, error) {
-		pid, err := x.fs.pid(index)
-		return pid == 0, fmt.Sprintf("pid %d: still held open?", pid), err
-	})
-	if err != nil && wctx.Err() != nil {
-		return fmt.Errorf("%w: %w", ErrDeviceBusy, err)
-	}
-	return err
+	return waitReleased(wctx, x.fs, index)
 }
 
 // DetachBackend detaches the device this process attached with backendID
 // (or a netlink device carrying it), if any.
 func (x *Ioctl) DetachBackend(ctx context.Context, backendID string) error {
-	d, err := x.FindByBackend(ctx, backendID)
-	if errors.Is(err, ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	return x.Detach(ctx, d.Index)
+	return detachBackend(ctx, x, x.fs, backendID)
 }
 
 // Reconfigure is not possible with ioctl.

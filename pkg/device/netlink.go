@@ -221,32 +221,12 @@ func (n *Netlink) Detach(ctx context.Context, index uint32) error {
 func (n *Netlink) waitReleased(ctx context.Context, index uint32) error {
 	wctx, cancel := waitCtx(ctx, n.opts.WaitTimeout)
 	defer cancel()
-	err := poll(wctx, fmt.Sprintf("nbd%d to be released", index), func() (bool, string, error) {
-		pid, err := n.sys.pid(index)
-		return pid == 0, fmt.Sprintf("pid %d: still held open?", pid), err
-	})
-	if err != nil && wctx.Err() != nil {
-		return fmt.Errorf("%w: %w", ErrDeviceBusy, err)
-	}
-	return err
+	return waitReleased(wctx, n.sys, index)
 }
 
 // DetachBackend detaches the device carrying backendID, if any.
 func (n *Netlink) DetachBackend(ctx context.Context, backendID string) error {
-	d, err := n.FindByBackend(ctx, backendID)
-	if errors.Is(err, ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	// Re-check right before disconnecting.
-	if id, _, err := n.sys.backend(d.Index); err != nil {
-		return err
-	} else if id != backendID {
-		return nil // it went away meanwhile
-	}
-	return n.Detach(ctx, d.Index)
+	return detachBackend(ctx, n, n.sys, backendID)
 }
 
 // Reconfigure sends NBD_CMD_RECONFIGURE. The device must be started and

@@ -255,3 +255,38 @@ func isDevice(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
 }
+
+// waitReleased waits until nbd<index> is no longer started (its pid file is
+// gone); a context that ends first yields ErrDeviceBusy: something still
+// holds the device open.
+func waitReleased(ctx context.Context, s sysfs, index uint32) error {
+	err := poll(ctx, fmt.Sprintf("nbd%d to be released", index), func() (bool, string, error) {
+		pid, err := s.pid(index)
+		return pid == 0, fmt.Sprintf("pid %d: still held open?", pid), err
+	})
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", ErrDeviceBusy, err)
+	}
+	return err
+}
+
+// detachBackend detaches the device carrying backendID through a, if any.
+// The backend file is read again right before disconnecting, so a device
+// released and reused meanwhile is left alone.
+func detachBackend(ctx context.Context, a Attacher, s sysfs, backendID string) error {
+	d, err := a.FindByBackend(ctx, backendID)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	// (ioctl devices have no backend file: then the caller's own record
+	// of the device is what FindByBackend used.)
+	if id, ok, err := s.backend(d.Index); err != nil {
+		return err
+	} else if ok && id != backendID {
+		return nil // it went away meanwhile
+	}
+	return a.Detach(ctx, d.Index)
+}
