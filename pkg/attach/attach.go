@@ -312,8 +312,8 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 }
 
 // Adopt resumes supervision of a volume attached by an earlier process (the
-// node service calls it at start for every state record). The relays of TLS
-// volumes died with that process, so their connections are replaced at once.
+// node service calls it at start for every state record) and replaces any
+// connection that died meanwhile.
 func (a *Attacher) Adopt(ctx context.Context, spec driver.AttachSpec) error {
 	if err := a.Ready(ctx); err != nil {
 		return err
@@ -334,10 +334,11 @@ func (a *Attacher) Adopt(ctx context.Context, spec driver.AttachSpec) error {
 		return fmt.Errorf("adopted nbd%d, but the export is unreachable for now (will retry): %w", d.Index, err)
 	}
 	a.supervise(spec, d, *info, nil, nil)
-	if spec.TLS != nil || spec.URI.TLS() {
-		return a.reconnectNow(ctx, spec, d, *info)
-	}
-	return nil
+	// Link-dead notifications sent while no plugin ran are lost, and the
+	// relays of TLS volumes died with the previous process: offer fresh
+	// connections now. The kernel only fills dead slots, so for a healthy
+	// device this costs one connection to the server and changes nothing.
+	return a.reconnectNow(ctx, spec, d, *info)
 }
 
 // adoptLater probes the export with backoff until it answers, then starts

@@ -272,7 +272,7 @@ func TestKernelResize(t *testing.T) {
 	_, err = readDirect(d.Path, 12<<20, 4096)
 	t.Logf("read beyond the old end on the old connection: %v", err)
 
-	reconnected := make(chan struct{}, 1)
+	reconnected, watching := make(chan struct{}, 1), make(chan struct{}, 1)
 	sup, err := NewSupervisor(n, SupervisorConfig{
 		Index: d.Index, BackendID: "kt-resize", SizeBytes: size, ServerFlags: flags, DeadConnTimeout: 30 * time.Second,
 		Redial: func(context.Context) ([]*os.File, uint64, uint16, error) {
@@ -284,8 +284,11 @@ func TestKernelResize(t *testing.T) {
 		},
 		MinBackoff: 50 * time.Millisecond,
 		OnEvent: func(e Event) {
-			if e.Kind == EventReconnected {
+			switch e.Kind {
+			case EventReconnected:
 				reconnected <- struct{}{}
+			case EventWatching:
+				watching <- struct{}{}
 			}
 		},
 	})
@@ -296,6 +299,7 @@ func TestKernelResize(t *testing.T) {
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
 	go func() { _ = sup.Run(sctx) }()
+	<-watching // a link that dies before the subscription is not reported
 	srv.kill()
 	srv.start()
 	select {

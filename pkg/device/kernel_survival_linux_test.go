@@ -283,6 +283,9 @@ func TestKernelSupervisorServerRestart(t *testing.T) {
 	sctx, stop := context.WithCancel(ctx)
 	supDone := make(chan error, 1)
 	go func() { supDone <- sup.Run(sctx) }()
+	if e := <-events; e.Kind != EventWatching { // before it, a dying link goes unnoticed
+		t.Fatalf("first supervisor event %v, want watching", e.Kind)
+	}
 
 	const chunk, chunks = 128 << 10, 128
 	data := randomBuf(t, chunk*chunks)

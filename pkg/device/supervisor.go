@@ -91,6 +91,9 @@ const (
 	EventDeviceGone
 	// EventStatusFailed: a STATUS poll failed (Err); supervision goes on.
 	EventStatusFailed
+	// EventWatching: the LINK_DEAD subscription is in place; links that
+	// die from now on are noticed.
+	EventWatching
 )
 
 // String returns the kind's name, e.g. "link-dead".
@@ -112,6 +115,8 @@ func (k EventKind) String() string {
 		return "device-gone"
 	case EventStatusFailed:
 		return "status-failed"
+	case EventWatching:
+		return "watching"
 	}
 	return fmt.Sprintf("EventKind(%d)", int(k))
 }
@@ -207,6 +212,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("supervise nbd%d: %w", s.cfg.Index, err)
 	}
+	s.emit(Event{Kind: EventWatching})
 	tick := time.NewTicker(s.cfg.PollInterval)
 	defer tick.Stop()
 	for {

@@ -178,7 +178,7 @@ func TestSupervisorReconnects(t *testing.T) {
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Run: %v", err)
 	}
-	want := []EventKind{EventLinkDead, EventRedialFailed, EventReconnected, EventLinkDead, EventReconnected}
+	want := []EventKind{EventWatching, EventLinkDead, EventRedialFailed, EventReconnected, EventLinkDead, EventReconnected}
 	if diff := cmp.Diff(want, l.kinds()); diff != "" {
 		t.Errorf("events (-want +got):\n%s", diff)
 	}
@@ -220,7 +220,7 @@ func TestSupervisorRefusesChangedExport(t *testing.T) {
 				t.Error("a changed export was handed to the kernel")
 			}
 			kinds := l.kinds()
-			if kinds[1] != EventExportChanged || kinds[len(kinds)-1] != EventGaveUp {
+			if kinds[0] != EventWatching || kinds[2] != EventExportChanged || kinds[len(kinds)-1] != EventGaveUp {
 				t.Errorf("events %v", kinds)
 			}
 		})
@@ -256,7 +256,7 @@ func TestSupervisorDeviceGone(t *testing.T) {
 	if err := s.Run(context.Background()); !errors.Is(err, ErrDeviceGone) {
 		t.Fatalf("got %v, want ErrDeviceGone", err)
 	}
-	if diff := cmp.Diff([]EventKind{EventDeviceGone}, l.kinds()); diff != "" {
+	if diff := cmp.Diff([]EventKind{EventWatching, EventDeviceGone}, l.kinds()); diff != "" {
 		t.Errorf("events (-want +got):\n%s", diff)
 	}
 }
