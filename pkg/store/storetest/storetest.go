@@ -1,0 +1,224 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package storetest is the contract every store.Store implementation must
+// pass: run it from the implementation's tests with Run.
+package storetest
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nbd-csi/nbd-csi/pkg/store"
+)
+
+// Factory opens a store. Reopen, when not nil, closes s and opens the same
+// data again (a controller restart); Run then checks nothing is lost.
+type Factory struct {
+	Open   func(t *testing.T) store.Store
+	Reopen func(t *testing.T, s store.Store) store.Store
+}
+
+const srv = "nbd://pool.example"
+
+func pool(sizes ...uint64) []store.Export {
+	var out []store.Export
+	for i, s := range sizes {
+		out = append(out, store.Export{Name: fmt.Sprintf("e%03d", i), Size: s, Flags: 1})
+	}
+	return out
+}
+
+func claim(s store.Store, name string, size uint64) (*store.Export, error) {
+	return s.Claim(store.ClaimRequest{VolumeName: name, VolumeID: "id-" + name, Server: srv, MinSize: size,
+		VolumeContext: map[string]string{"uri": "x"}})
+}
+
+// Run runs the contract.
+func Run(t *testing.T, f Factory) {
+	t.Run("ClaimSmallestFitting", func(t *testing.T) {
+		s := f.Open(t)
+		now := time.Now()
+		if err := s.SyncExports(srv, pool(10<<30, 1<<30, 5<<30, 2<<30), now); err != nil {
+			t.Fatal(err)
+		}
+		e, err := claim(s, "pvc-a", 3<<30)
+		if err != nil || e.Name != "e002" || e.Phase != store.PhaseBound || e.VolumeID != "id-pvc-a" {
+			t.Fatalf("claim 3 GiB = %+v, %v; want e002 (5 GiB)", e, err)
+		}
+		again, err := claim(s, "pvc-a", 3<<30)
+		if err != nil || again.Name != "e002" {
+			t.Fatalf("repeated claim = %+v, %v; want the same export", again, err)
+		}
+		if _, err := claim(s, "pvc-a", 6<<30); !errors.Is(err, store.ErrConflict) {
+			t.Errorf("same name, larger size: %v, want ErrConflict", err)
+		}
+		_, err = claim(s, "pvc-b", 20<<30)
+		var ce *store.CapacityError
+		if !errors.As(err, &ce) || ce.LargestFree != 10<<30 || ce.Free != 3 {
+			t.Errorf("claim 20 GiB = %v (%+v), want CapacityError with largest free 10 GiB of 3", err, ce)
+		}
+		readOnlyRefused, err := s.Claim(store.ClaimRequest{VolumeName: "pvc-c", VolumeID: "id-c", Server: srv, MinSize: 1,
+			Fits: func(e *store.Export) bool { return e.Name == "nope" }})
+		if !errors.Is(err, store.ErrNoCapacity) {
+			t.Errorf("claim with a filter matching nothing = %+v, %v", readOnlyRefused, err)
+		}
+		if v, err := s.Volume("id-pvc-a"); err != nil || v.Name != "e002" || v.VolumeContext["uri"] != "x" {
+			t.Errorf("Volume = %+v, %v", v, err)
+		}
+		if _, err := s.Volume("unknown"); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("Volume(unknown) = %v, want ErrNotFound", err)
+		}
+		rel, err := s.Release("id-pvc-a")
+		if err != nil || rel == nil || rel.Name != "e002" {
+			t.Fatalf("Release = %+v, %v", rel, err)
+		}
+		if _, err := s.Release("id-pvc-a"); err != nil {
+			t.Errorf("second Release: %v", err)
+		}
+		if e, err := claim(s, "pvc-d", 3<<30); err != nil || e.Name != "e002" {
+			t.Errorf("released export not reusable: %+v, %v", e, err)
+		}
+	})
+
+	t.Run("MissingExports", func(t *testing.T) {
+		s := f.Open(t)
+		if err := s.SyncExports(srv, pool(1<<30, 2<<30), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := claim(s, "pvc", 2<<30); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.SyncExports(srv, nil, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		all, _ := s.Exports()
+		for _, e := range all {
+			if e.Phase != store.PhaseMissing {
+				t.Errorf("%s is %s after its server stopped listing it", e.Name, e.Phase)
+			}
+		}
+		if _, err := claim(s, "pvc2", 1); !errors.Is(err, store.ErrNoCapacity) {
+			t.Errorf("claimed a missing export: %v", err)
+		}
+		if v, err := s.Volume("id-pvc"); err != nil || v.Phase != store.PhaseMissing {
+			t.Errorf("claim lost while missing: %+v, %v", v, err)
+		}
+		if err := s.SyncExports(srv, pool(1<<30, 2<<30), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if v, _ := s.Volume("id-pvc"); v == nil || v.Phase != store.PhaseBound {
+			t.Errorf("export back but not Bound again: %+v", v)
+		}
+	})
+
+	t.Run("Fencing", func(t *testing.T) {
+		s := f.Open(t)
+		w := store.Attachment{VolumeID: "v", NodeID: "n1"}
+		if err := s.Publish(w); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Publish(w); err != nil {
+			t.Errorf("repeated publish: %v", err)
+		}
+		var he *store.HeldError
+		if err := s.Publish(store.Attachment{VolumeID: "v", NodeID: "n2"}); !errors.As(err, &he) || he.NodeID != "n1" {
+			t.Errorf("second writer = %v, want HeldError naming n1", err)
+		}
+		if err := s.Publish(store.Attachment{VolumeID: "v", NodeID: "n2", ReadOnly: true}); !errors.Is(err, store.ErrHeld) {
+			t.Errorf("reader while a writer holds = %v, want ErrHeld", err)
+		}
+		if err := s.Unpublish("v", "n1"); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []string{"n1", "n2", "n3"} {
+			if err := s.Publish(store.Attachment{VolumeID: "v", NodeID: n, ReadOnly: true}); err != nil {
+				t.Errorf("reader %s: %v", n, err)
+			}
+		}
+		if err := s.Publish(store.Attachment{VolumeID: "v", NodeID: "n4"}); !errors.Is(err, store.ErrHeld) {
+			t.Errorf("writer while readers hold = %v, want ErrHeld", err)
+		}
+		if h, _ := s.Holders("v"); len(h) != 3 {
+			t.Errorf("holders = %v, want 3 readers", h)
+		}
+		if err := s.Unpublish("v", "unknown"); err != nil {
+			t.Errorf("unpublish unknown node: %v", err)
+		}
+	})
+
+	t.Run("ConcurrentClaims", func(t *testing.T) {
+		s := f.Open(t)
+		sizes := make([]uint64, 50)
+		for i := range sizes {
+			sizes[i] = 1 << 30
+		}
+		if err := s.SyncExports(srv, pool(sizes...), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		got := map[string]string{}
+		for i := 0; i < 50; i++ {
+			for r := 0; r < 2; r++ { // every claim twice, concurrently: idempotent by name
+				wg.Add(1)
+				go func(i int) {
+					defer wg.Done()
+					name := fmt.Sprintf("pvc-%02d", i)
+					e, err := claim(s, name, 1<<30)
+					mu.Lock()
+					defer mu.Unlock()
+					if err != nil {
+						t.Errorf("%s: %v", name, err)
+						return
+					}
+					if prev, ok := got[name]; ok && prev != e.Name {
+						t.Errorf("%s got %s and %s", name, prev, e.Name)
+					}
+					got[name] = e.Name
+				}(i)
+			}
+		}
+		wg.Wait()
+		owners := map[string]string{}
+		for name, exp := range got {
+			if other, dup := owners[exp]; dup {
+				t.Errorf("export %s claimed by %s and %s", exp, other, name)
+			}
+			owners[exp] = name
+		}
+		if len(owners) != 50 {
+			t.Errorf("%d exports handed out, want 50", len(owners))
+		}
+		if _, err := claim(s, "one-too-many", 1); !errors.Is(err, store.ErrNoCapacity) {
+			t.Errorf("51st claim: %v", err)
+		}
+	})
+
+	if f.Reopen != nil {
+		t.Run("Restart", func(t *testing.T) {
+			s := f.Open(t)
+			if err := s.SyncExports(srv, pool(1<<30, 2<<30), time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := claim(s, "pvc", 1<<30); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Publish(store.Attachment{VolumeID: "id-pvc", NodeID: "n1"}); err != nil {
+				t.Fatal(err)
+			}
+			s = f.Reopen(t, s)
+			if v, err := s.Volume("id-pvc"); err != nil || v.Name != "e000" {
+				t.Errorf("after restart: %+v, %v", v, err)
+			}
+			if err := s.Publish(store.Attachment{VolumeID: "id-pvc", NodeID: "n2"}); !errors.Is(err, store.ErrHeld) {
+				t.Errorf("fencing lost across restart: %v", err)
+			}
+			if e, err := claim(s, "pvc", 1<<30); err != nil || e.Name != "e000" {
+				t.Errorf("idempotent claim after restart: %+v, %v", e, err)
+			}
+		})
+	}
+}
