@@ -4,20 +4,41 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/store"
 )
 
 // controllerFlags configure the controller service.
-type controllerFlags struct{}
+type controllerFlags struct {
+	storePath   string
+	scanMaxAge  time.Duration
+	scanTimeout time.Duration
+}
 
-func (f *controllerFlags) register(*flag.FlagSet) {}
+func (f *controllerFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.storePath, "store-path", "/var/lib/nbd-csi/store.db", "embedded metadata store file (inventory, claims, fencing); one controller at a time")
+	fs.DurationVar(&f.scanMaxAge, "scan-max-age", time.Minute, "a server's inventory older than this is scanned again before CreateVolume/GetCapacity")
+	fs.DurationVar(&f.scanTimeout, "scan-timeout", 30*time.Second, "bound on one scan of a server")
+}
 
-// newControllerService builds the controller service.
-func newControllerService(context.Context, string, controllerFlags) (csi.ControllerServer, driver.ReadyFunc, func(), error) {
-	return nil, nil, nil, errors.New("the controller service is not part of this build yet; run --mode=node")
+// newControllerService opens the store and builds the controller service.
+func newControllerService(_ context.Context, _ string, f controllerFlags) (csi.ControllerServer, driver.ReadyFunc, func(), error) {
+	if err := os.MkdirAll(filepath.Dir(f.storePath), 0o700); err != nil {
+		return nil, nil, nil, fmt.Errorf("store directory: %w", err)
+	}
+	st, err := store.OpenBolt(f.storePath)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	svc := driver.NewControllerService(driver.ControllerOptions{ScanMaxAge: f.scanMaxAge, ScanTimeout: f.scanTimeout},
+		st, driver.NBDDiscoverer{})
+	return svc, svc.Ready, func() { _ = st.Close() }, nil
 }

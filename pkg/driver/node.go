@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -41,6 +42,9 @@ type NodeService struct {
 	state    *stateStore
 	volumes  *inflight // keyed by volume ID: stage, unstage, expand
 	targets  *inflight // keyed by target path: publish, unpublish
+	// recMu serialises read-modify-write of the records' target lists
+	// (publishes of one volume at two targets run in parallel).
+	recMu sync.Mutex
 }
 
 var _ csi.NodeServer = (*NodeService)(nil)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io/fs"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -53,6 +54,13 @@ func (s *NodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublis
 	if rec.Block != c.block {
 		return nil, status.Errorf(codes.InvalidArgument, "volume %s was staged as %s and cannot be published as %s", volumeID, kind(rec.Block), kind(c.block))
 	}
+	if c.mode == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
+		for _, other := range rec.Targets {
+			if other != target {
+				return nil, status.Errorf(codes.FailedPrecondition, "volume %s is single-writer and already published at %s", volumeID, other)
+			}
+		}
+	}
 	att, err := s.ensureStaged(ctx, rec)
 	if err != nil {
 		return nil, err
@@ -82,11 +90,13 @@ func (s *NodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublis
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "check target: %v", err)
 	}
-	if mounted {
-		return &csi.NodePublishVolumeResponse{}, nil
+	if !mounted {
+		if err := s.mounter.Mount(source, target, "", opts); err != nil {
+			return nil, status.Errorf(codes.Internal, "bind %s to %s: %v", source, target, err)
+		}
 	}
-	if err := s.mounter.Mount(source, target, "", opts); err != nil {
-		return nil, status.Errorf(codes.Internal, "bind %s to %s: %v", source, target, err)
+	if err := s.updateTargets(volumeID, target, true); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
 	}
 	logger(ctx).V(2).Info("Published", "target", target, "readOnly", readOnly)
 	return &csi.NodePublishVolumeResponse{}, nil
@@ -166,8 +176,35 @@ func (s *NodeService) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpu
 	if err := mount.CleanupMountPoint(target, s.mounter, true); err != nil {
 		return nil, status.Errorf(codes.Internal, "unmount %s: %v", target, err)
 	}
+	if err := s.updateTargets(volumeID, target, false); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
 	logger(ctx).V(2).Info("Unpublished", "target", target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// updateTargets adds or removes target in the volume's record; a volume
+// with no record (already unstaged) is fine.
+func (s *NodeService) updateTargets(volumeID, target string, add bool) error {
+	s.recMu.Lock()
+	defer s.recMu.Unlock()
+	rec, err := s.state.Get(volumeID)
+	if errors.Is(err, errNoRecord) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	has := slices.Contains(rec.Targets, target)
+	switch {
+	case add && !has:
+		rec.Targets = append(rec.Targets, target)
+	case !add && has:
+		rec.Targets = slices.DeleteFunc(rec.Targets, func(t string) bool { return t == target })
+	default:
+		return nil
+	}
+	return s.state.Put(rec)
 }
 
 // checkTarget refuses target paths outside the kubelet's pods directory.

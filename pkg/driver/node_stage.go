@@ -63,7 +63,7 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 		if !old.sameStage(rec) {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %s is already staged at %s with a different export, capability or staging path", volumeID, old.StagingPath)
 		}
-		rec.StagedAt = old.StagedAt
+		rec.StagedAt, rec.Targets = old.StagedAt, old.Targets
 	case !errors.Is(err, errNoRecord):
 		return nil, status.Error(codes.Internal, err.Error())
 	default:

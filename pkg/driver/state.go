@@ -41,6 +41,8 @@ type VolumeRecord struct {
 	TLS bool `json:"tls"`
 	// StagedAt is when the volume was staged.
 	StagedAt time.Time `json:"stagedAt"`
+	// Targets are the paths the volume is published at.
+	Targets []string `json:"targets,omitempty"`
 }
 
 // stateStore keeps one JSON file per volume in a directory.

@@ -177,7 +177,10 @@ func (b *Bolt) Claim(req ClaimRequest) (*Export, error) {
 			return ce
 		}
 		best.Phase, best.VolumeName, best.VolumeID = PhaseBound, req.VolumeName, req.VolumeID
-		best.VolumeContext, best.Wipe = req.VolumeContext, req.Wipe
+		best.Wipe = req.Wipe
+		if req.VolumeContext != nil {
+			best.VolumeContext = req.VolumeContext(best.Name)
+		}
 		if err := putJSON(exports, best.Key(), best); err != nil {
 			return err
 		}
@@ -274,13 +277,12 @@ func (b *Bolt) Publish(a Attachment) error {
 		if _, err := getJSON(bk, a.VolumeID, &holders); err != nil {
 			return err
 		}
-		for i, h := range holders {
+		for _, h := range holders {
 			if h.NodeID == a.NodeID {
 				if h.ReadOnly == a.ReadOnly {
 					return nil
 				}
-				holders = append(holders[:i], holders[i+1:]...)
-				break
+				return fmt.Errorf("%w: volume %s is already published to node %s with readOnly=%v", ErrConflict, a.VolumeID, a.NodeID, h.ReadOnly)
 			}
 		}
 		for _, h := range holders {

@@ -81,8 +81,9 @@ type ClaimRequest struct {
 	Fits func(*Export) bool
 	// MinSize is the required capacity.
 	MinSize uint64
-	// VolumeContext is recorded with the claim.
-	VolumeContext map[string]string
+	// VolumeContext returns what to record with the claim for the chosen
+	// export (the node needs the export's URI); nil records none.
+	VolumeContext func(exportName string) map[string]string
 	// Wipe is recorded with the claim.
 	Wipe bool
 }
@@ -152,7 +153,8 @@ type Store interface {
 	Exports() ([]Export, error)
 	// Publish records that node holds the volume. A writer is exclusive:
 	// publishing to a second node fails with a *HeldError; read-only
-	// holders may be many. Repeating a publish is fine.
+	// holders may be many. Repeating a publish is fine; the same node with
+	// another readOnly is ErrConflict.
 	Publish(a Attachment) error
 	// Unpublish removes a holder; unknown holders are fine.
 	Unpublish(volumeID, nodeID string) error

@@ -33,7 +33,7 @@ func pool(sizes ...uint64) []store.Export {
 
 func claim(s store.Store, name string, size uint64) (*store.Export, error) {
 	return s.Claim(store.ClaimRequest{VolumeName: name, VolumeID: "id-" + name, Server: srv, MinSize: size,
-		VolumeContext: map[string]string{"uri": "x"}})
+		VolumeContext: func(name string) map[string]string { return map[string]string{"uri": "nbd://pool/" + name} }})
 }
 
 // Run runs the contract.
@@ -65,7 +65,7 @@ func Run(t *testing.T, f Factory) {
 		if !errors.Is(err, store.ErrNoCapacity) {
 			t.Errorf("claim with a filter matching nothing = %+v, %v", readOnlyRefused, err)
 		}
-		if v, err := s.Volume("id-pvc-a"); err != nil || v.Name != "e002" || v.VolumeContext["uri"] != "x" {
+		if v, err := s.Volume("id-pvc-a"); err != nil || v.Name != "e002" || v.VolumeContext["uri"] != "nbd://pool/e002" {
 			t.Errorf("Volume = %+v, %v", v, err)
 		}
 		if _, err := s.Volume("unknown"); !errors.Is(err, store.ErrNotFound) {
@@ -122,6 +122,9 @@ func Run(t *testing.T, f Factory) {
 		}
 		if err := s.Publish(w); err != nil {
 			t.Errorf("repeated publish: %v", err)
+		}
+		if err := s.Publish(store.Attachment{VolumeID: "v", NodeID: "n1", ReadOnly: true}); !errors.Is(err, store.ErrConflict) {
+			t.Errorf("same node, other readOnly: %v, want ErrConflict", err)
 		}
 		var he *store.HeldError
 		if err := s.Publish(store.Attachment{VolumeID: "v", NodeID: "n2"}); !errors.As(err, &he) || he.NodeID != "n1" {

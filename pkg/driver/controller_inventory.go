@@ -1,0 +1,148 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package driver
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
+	"github.com/nbd-csi/nbd-csi/pkg/store"
+)
+
+// Discoverer is what the controller needs from NBD servers: the exports of
+// a server with their sizes and flags, and wiping an export. The real one
+// (NBDDiscoverer) speaks NBD; tests may use a fake.
+type Discoverer interface {
+	// Discover lists the server's exports (NBD_OPT_LIST) and probes each
+	// (NBD_OPT_INFO).
+	Discover(ctx context.Context, server *nbd.URI, tls *nbd.TLSOptions) ([]store.Export, error)
+	// Probe describes one export.
+	Probe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions) (*nbd.ExportInfo, error)
+	// Wipe makes the whole export read as zeroes.
+	Wipe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions) error
+}
+
+// NBDDiscoverer implements Discoverer with pkg/nbd.
+type NBDDiscoverer struct {
+	// Parallel bounds the probes in flight per scan (default 8).
+	Parallel int
+}
+
+var _ Discoverer = NBDDiscoverer{}
+
+func tlsOption(tls *nbd.TLSOptions) []nbd.Option {
+	if tls == nil {
+		return nil
+	}
+	return []nbd.Option{nbd.WithTLS(tls)}
+}
+
+// Discover lists and probes a server's exports.
+func (d NBDDiscoverer) Discover(ctx context.Context, server *nbd.URI, tls *nbd.TLSOptions) ([]store.Export, error) {
+	list, err := nbd.List(ctx, server, tlsOption(tls)...)
+	if err != nil {
+		return nil, err
+	}
+	par := d.Parallel
+	if par <= 0 {
+		par = 8
+	}
+	out := make([]store.Export, len(list))
+	errs := make([]error, len(list))
+	sem := make(chan struct{}, par)
+	var wg sync.WaitGroup
+	for i, e := range list {
+		wg.Add(1)
+		go func(i int, e nbd.ListEntry) {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			info, err := nbd.Probe(ctx, server.WithExport(e.Name), append(tlsOption(tls), nbd.WithProfile(nbd.ProfileUserspace))...)
+			if err != nil {
+				errs[i] = fmt.Errorf("probe export %q: %w", e.Name, err)
+				return
+			}
+			desc := info.Description
+			if desc == "" {
+				desc = e.Description
+			}
+			out[i] = store.Export{Name: e.Name, Description: desc, Size: info.Size, Flags: uint16(info.Flags), ReadOnly: info.ReadOnly()}
+		}(i, e)
+	}
+	wg.Wait()
+	var ok []store.Export
+	for i := range out {
+		if errs[i] == nil {
+			ok = append(ok, out[i])
+		}
+	}
+	// An export that cannot be probed is left out of this scan (it turns
+	// Missing); the scan fails only if the server answered nothing.
+	if len(ok) == 0 && len(list) > 0 {
+		return nil, errs[0]
+	}
+	return ok, nil
+}
+
+// Probe describes one export.
+func (d NBDDiscoverer) Probe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions) (*nbd.ExportInfo, error) {
+	return nbd.Probe(ctx, export, append(tlsOption(tls), nbd.WithProfile(nbd.ProfileUserspace))...)
+}
+
+// wipeChunk is the size of one WRITE_ZEROES or write request.
+const wipeChunk = 16 << 20
+
+// Wipe zeroes the export: NBD_CMD_WRITE_ZEROES when the export supports it
+// (servers usually punch holes, which read back as zeroes), else plain
+// writes of zeroes. TRIM alone is not used: it leaves the content
+// undefined. A final FLUSH makes it durable.
+func (d NBDDiscoverer) Wipe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions) error {
+	c, err := nbd.Dial(ctx, export, append(tlsOption(tls), nbd.WithProfile(nbd.ProfileUserspace))...)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	info := c.Export()
+	if info.ReadOnly() {
+		return fmt.Errorf("%w: export %q is read-only and cannot be wiped", nbd.ErrNotSupportedByExport, export.Export)
+	}
+	chunk := uint64(wipeChunk)
+	zeroes := info.Flags.Has(nbd.FlagSendWriteZeroes)
+	if !zeroes {
+		chunk = min(chunk, uint64(maxWrite(&info)))
+	}
+	var buf []byte
+	if !zeroes {
+		buf = make([]byte, chunk)
+	}
+	for off := uint64(0); off < info.Size; off += chunk {
+		n := min(chunk, info.Size-off)
+		if zeroes {
+			err = c.WriteZeroes(ctx, off, uint32(n), 0)
+		} else {
+			err = c.WriteAt(ctx, buf[:n], off, 0)
+		}
+		if err != nil {
+			return fmt.Errorf("wipe at offset %d: %w", off, err)
+		}
+	}
+	if info.Flags.Has(nbd.FlagSendFlush) {
+		return c.Flush(ctx)
+	}
+	return nil
+}
+
+// maxWrite is the largest WRITE the export takes, a multiple of its
+// minimum block size.
+func maxWrite(info *nbd.ExportInfo) uint32 {
+	m := uint32(wipeChunk)
+	if info.BlockSizesAdvertised && info.BlockSizes.Maximum < m {
+		m = info.BlockSizes.Maximum
+		if mb := info.BlockSizes.Minimum; mb > 1 {
+			m -= m % mb
+		}
+	}
+	return m
+}

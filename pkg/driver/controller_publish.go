@@ -1,0 +1,323 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package driver
+
+import (
+	"context"
+	"errors"
+	"path"
+	"sort"
+	"strconv"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
+	"github.com/nbd-csi/nbd-csi/pkg/store"
+)
+
+// ControllerGetCapabilities lists the controller capabilities.
+func (s *ControllerService) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	var caps []*csi.ControllerServiceCapability
+	for _, c := range []csi.ControllerServiceCapability_RPC_Type{
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES_PUBLISHED_NODES,
+		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_PUBLISH_READONLY,
+		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
+		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
+			Rpc: &csi.ControllerServiceCapability_RPC{Type: c}}})
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// ControllerPublishVolume records that a node holds the volume. A writer
+// holds it alone: a second node gets FailedPrecondition naming the holder.
+// Read-only holders may be many. Static volumes are fenced the same way.
+func (s *ControllerService) ControllerPublishVolume(ctx context.Context, req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
+	id, node := req.GetVolumeId(), req.GetNodeId()
+	if id == "" || node == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID and node ID are required")
+	}
+	c, err := parseCapability(req.GetVolumeCapability())
+	if err != nil {
+		return nil, err
+	}
+	e, err := s.lookupVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	if e == nil {
+		// A static volume (a hand-written PV) is known by its volume
+		// context; an ID with neither a record nor a URI does not exist.
+		if _, perr := ParseVolumeContext(req.GetVolumeContext()); perr != nil {
+			return nil, status.Errorf(codes.NotFound, "volume %s does not exist (no provisioned volume, and no valid static volume context: %v)", id, perr)
+		}
+	}
+	readOnly := req.GetReadonly() || c.readOnly
+	if e != nil && e.ReadOnly && !readOnly {
+		return nil, status.Errorf(codes.InvalidArgument, "volume %s is a read-only export and cannot be published read-write", id)
+	}
+	if !s.volumes.TryAcquire(id) {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", id)
+	}
+	defer s.volumes.Release(id)
+	err = s.store.Publish(store.Attachment{VolumeID: id, NodeID: node, ReadOnly: readOnly})
+	var he *store.HeldError
+	switch {
+	case errors.As(err, &he):
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is held by node %s: an NBD export can have one writing node", id, he.NodeID)
+	case errors.Is(err, store.ErrConflict):
+		return nil, status.Error(codes.AlreadyExists, err.Error())
+	case err != nil:
+		return nil, status.Errorf(codes.Internal, "record publish: %v", err)
+	}
+	logger(ctx).V(2).Info("Published to node", "node", node, "readOnly", readOnly)
+	return &csi.ControllerPublishVolumeResponse{}, nil
+}
+
+// ControllerUnpublishVolume forgets a holder; repeating it is fine.
+func (s *ControllerService) ControllerUnpublishVolume(ctx context.Context, req *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	if !s.volumes.TryAcquire(id) {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", id)
+	}
+	defer s.volumes.Release(id)
+	node := req.GetNodeId()
+	if node == "" {
+		// No node: unpublish from every node (CSI spec).
+		holders, err := s.store.Holders(id)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "holders: %v", err)
+		}
+		for _, h := range holders {
+			if err := s.store.Unpublish(id, h.NodeID); err != nil {
+				return nil, status.Errorf(codes.Internal, "record unpublish: %v", err)
+			}
+		}
+		return &csi.ControllerUnpublishVolumeResponse{}, nil
+	}
+	if err := s.store.Unpublish(id, node); err != nil {
+		return nil, status.Errorf(codes.Internal, "record unpublish: %v", err)
+	}
+	return &csi.ControllerUnpublishVolumeResponse{}, nil
+}
+
+// ValidateVolumeCapabilities confirms the capabilities a volume supports:
+// every single-node and reader-only mode, block and ext4/xfs, and no
+// writers for a read-only export.
+func (s *ControllerService) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "volume capabilities are required")
+	}
+	e, err := s.store.Volume(id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+	}
+	for _, c := range req.GetVolumeCapabilities() {
+		if _, err := parseCapability(c); err != nil {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+		}
+	}
+	if e.ReadOnly && writable(req.GetVolumeCapabilities()) {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: "the export is read-only"}, nil
+	}
+	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext: req.GetVolumeContext(), VolumeCapabilities: req.GetVolumeCapabilities(), Parameters: req.GetParameters(),
+	}}, nil
+}
+
+// ListVolumes lists the provisioned volumes in volume ID order. The
+// starting token is the position in that order.
+func (s *ControllerService) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	all, err := s.store.Exports()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "list: %v", err)
+	}
+	var vols []store.Export
+	for _, e := range all {
+		if e.VolumeID != "" {
+			vols = append(vols, e)
+		}
+	}
+	sort.Slice(vols, func(i, j int) bool { return vols[i].VolumeID < vols[j].VolumeID })
+	start := 0
+	if t := req.GetStartingToken(); t != "" {
+		n, err := strconv.Atoi(t)
+		if err != nil || n < 0 || n > len(vols) {
+			return nil, status.Errorf(codes.Aborted, "starting token %q is not valid", t)
+		}
+		start = n
+	}
+	end := len(vols)
+	if m := int(req.GetMaxEntries()); m > 0 && start+m < end {
+		end = start + m
+	}
+	resp := &csi.ListVolumesResponse{}
+	for _, e := range vols[start:end] {
+		holders, err := s.store.Holders(e.VolumeID)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "holders: %v", err)
+		}
+		st := &csi.ListVolumesResponse_VolumeStatus{}
+		for _, h := range holders {
+			st.PublishedNodeIds = append(st.PublishedNodeIds, h.NodeID)
+		}
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
+			Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext},
+			Status: st,
+		})
+	}
+	if end < len(vols) {
+		resp.NextToken = strconv.Itoa(end)
+	}
+	return resp, nil
+}
+
+// GetCapacity reports the free capacity of a StorageClass's pool (the sum
+// of its available fitting exports) and the largest volume it can make.
+// Without parameters it sums every available export known.
+func (s *ControllerService) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+	for _, c := range req.GetVolumeCapabilities() {
+		if _, err := parseCapability(c); err != nil {
+			return nil, err
+		}
+	}
+	var p *poolParams
+	if len(req.GetParameters()) > 0 {
+		var err error
+		if p, err = parsePoolParams(req.GetParameters()); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		if err := s.ensureInventory(ctx, p, nil); err != nil {
+			return nil, err
+		}
+	}
+	all, err := s.store.Exports()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "list: %v", err)
+	}
+	writer := writable(req.GetVolumeCapabilities())
+	var total, largest uint64
+	for _, e := range all {
+		if e.Phase != store.PhaseAvailable || (writer && e.ReadOnly) {
+			continue
+		}
+		if p != nil {
+			if ok, _ := path.Match(p.filter, e.Name); !ok || e.Server != p.server.String() {
+				continue
+			}
+		}
+		total += e.Size
+		largest = max(largest, e.Size)
+	}
+	resp := &csi.GetCapacityResponse{AvailableCapacity: int64(total)}
+	resp.MaximumVolumeSize = wrapperspb.Int64(int64(largest))
+	return resp, nil
+}
+
+// ControllerGetVolume returns a volume and the nodes holding it.
+func (s *ControllerService) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	e, err := s.store.Volume(req.GetVolumeId())
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", req.GetVolumeId())
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+	}
+	holders, err := s.store.Holders(e.VolumeID)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "holders: %v", err)
+	}
+	st := &csi.ControllerGetVolumeResponse_VolumeStatus{}
+	for _, h := range holders {
+		st.PublishedNodeIds = append(st.PublishedNodeIds, h.NodeID)
+	}
+	return &csi.ControllerGetVolumeResponse{
+		Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext}, Status: st,
+	}, nil
+}
+
+// ControllerGetVolumeHealth reports INACCESSIBLE when the export is missing
+// from its server's listing or does not answer.
+func (s *ControllerService) ControllerGetVolumeHealth(ctx context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	e, err := s.store.Volume(req.GetVolumeId())
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", req.GetVolumeId())
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+	}
+	h := &csi.VolumeHealth{VolumeId: e.VolumeID}
+	bad := func(reason, msg string) {
+		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
+			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: reason, Message: msg})
+	}
+	if e.Phase == store.PhaseMissing {
+		bad("ExportMissing", "the server no longer lists export "+e.Name)
+	} else if u, err := nbd.ParseURI(e.VolumeContext[KeyURI]); err == nil {
+		pctx, cancel := context.WithTimeout(ctx, s.opts.ScanTimeout)
+		info, perr := s.disc.Probe(pctx, u, nil)
+		cancel()
+		switch {
+		case perr != nil && !errors.Is(perr, nbd.ErrTLSRequired):
+			bad("ServerUnreachable", perr.Error())
+		case perr == nil && info.Size < e.Size:
+			bad("ExportShrank", "the export is smaller than when it was provisioned")
+		}
+	}
+	return &csi.ControllerGetVolumeHealthResponse{VolumeHealth: h}, nil
+}
+
+// ControllerExpandVolume succeeds when the export is already at least the
+// requested size (grown on the server); NBD has no resize command that
+// servers implement, so the controller cannot grow it.
+func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	required := req.GetCapacityRange().GetRequiredBytes()
+	e, err := s.store.Volume(id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+	}
+	size := e.Size
+	if u, err := nbd.ParseURI(e.VolumeContext[KeyURI]); err == nil {
+		if info, err := s.disc.Probe(ctx, u, nil); err == nil {
+			size = info.Size
+		}
+	}
+	if uint64(required) > size {
+		return nil, status.Errorf(codes.OutOfRange, "export %s is %d bytes, less than the %d requested: NBD servers cannot be asked to grow an export; grow it on the server, then expand again", e.Name, size, required)
+	}
+	block := req.GetVolumeCapability().GetBlock() != nil
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: int64(size), NodeExpansionRequired: !block}, nil
+}
