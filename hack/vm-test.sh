@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 VM_TIMEOUT=${VM_TIMEOUT:-25m}
-# Packages with TestKernel* tests, and the -test.run pattern for each.
-pkgs=(./pkg/device)
-[ -d test/kernel ] && pkgs+=(./test/kernel)
+# Packages with kernel tests, each with its -test.run pattern: the
+# TestKernel* suites, and csi-sanity with the real node (test/sanity uses the
+# real attacher and mounter where the kernel has nbd).
+pkgs=(./pkg/device ./test/kernel ./test/sanity)
+declare -A run=([./pkg/device]='^TestKernel' [./test/kernel]='^TestKernel' [./test/sanity]='^TestSanity$')
 
 # The plugin binary, for tests that run `nbd-csi serve` as a process.
 bindir=$(mktemp -d)
@@ -18,7 +20,7 @@ script="modprobe nbd nbds_max=16 max_part=0"
 for p in "${pkgs[@]}"; do
 	args+=(-gotest "$p")
 	name=$(basename "$p")
-	script+=" && echo '=== $name' && /bin/$name.test -test.v -test.timeout ${VM_TIMEOUT} -test.run '^TestKernel'"
+	script+=" && echo '=== $name' && /bin/$name.test -test.v -test.timeout ${VM_TIMEOUT} -test.run '${run[$p]}'"
 done
 start=$(date +%s)
 go run ./test/vm/cmd/vmrun -timeout "$VM_TIMEOUT" -mem 3072 "${args[@]}" -- "$script"
