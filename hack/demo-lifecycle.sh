@@ -15,11 +15,12 @@ cleanup() {
 trap cleanup EXIT
 mkdir -p "$work/pool" "$work/kubelet"
 for n in 1 2 3; do truncate -s 1G "$work/pool/disk$n"; done
+# wipeOnDelete is not asked for: the demo pool is fresh sparse files
 sock=$work/nbd.sock
 nbdkit --foreground --exit-with-parent -U "$sock" file dir="$work/pool" &
 kit=$!
-"$bin" serve --mode=node --endpoint="unix://$work/csi.sock" --node-id=demo-node \
-	--kubelet-dir="$work/kubelet" --state-dir="$work/state" >"$work/serve.log" 2>&1 &
+"$bin" serve --mode=all --endpoint="unix://$work/csi.sock" --node-id=demo-node \
+	--kubelet-dir="$work/kubelet" --state-dir="$work/state" --store-path="$work/store.db" >"$work/serve.log" 2>&1 &
 serve=$!
 i=0
 while [ ! -S "$sock" ] || [ ! -S "$work/csi.sock" ]; do
@@ -27,7 +28,7 @@ while [ ! -S "$sock" ] || [ ! -S "$work/csi.sock" ]; do
 	[ $i -gt 100 ] && { echo "demo: servers did not start"; cat "$work/serve.log"; exit 1; }
 	sleep 0.1
 done
-echo "==> nbdkit serves disk1..disk3 on $sock; nbd-csi serve (node) on $work/csi.sock"
-if ! "$client" --endpoint="unix://$work/csi.sock" --kubelet-dir="$work/kubelet" --uri="nbd+unix:///disk1?socket=$sock"; then
+echo "==> nbdkit serves the pool disk1..disk3 (1 GiB each) on $sock; nbd-csi serve (controller + node) on $work/csi.sock"
+if ! "$client" --endpoint="unix://$work/csi.sock" --kubelet-dir="$work/kubelet" --server="nbd+unix:///?socket=$sock" --size=$((512 << 20)); then
 	echo "--- nbd-csi serve log"; cat "$work/serve.log"; exit 1
 fi

@@ -48,7 +48,7 @@ set +e
 echo "exit status: $?"
 set -e
 
-step "Volume lifecycle through the CSI services (stage, publish, write, read back, unpublish, unstage)"
+step "Volume lifecycle through the CSI services (provision, publish, stage, write, read back, unstage, unpublish, delete)"
 bindir="$work/bin"
 mkdir -p "$bindir"
 CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
