@@ -1,0 +1,317 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package driver_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+
+	"github.com/nbd-csi/nbd-csi/internal/servers"
+	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
+	"github.com/nbd-csi/nbd-csi/pkg/store"
+)
+
+// fakeDiscoverer serves a fixed inventory and records wipes.
+type fakeDiscoverer struct {
+	mu      sync.Mutex
+	exports []store.Export
+	err     error
+	wiped   []string
+}
+
+func (f *fakeDiscoverer) Discover(context.Context, *nbd.URI, *nbd.TLSOptions) ([]store.Export, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]store.Export(nil), f.exports...), f.err
+}
+
+func (f *fakeDiscoverer) Probe(_ context.Context, u *nbd.URI, _ *nbd.TLSOptions) (*nbd.ExportInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, e := range f.exports {
+		if e.Name == u.Export {
+			return &nbd.ExportInfo{Name: e.Name, Size: e.Size, Flags: nbd.TransmissionFlags(e.Flags)}, nil
+		}
+	}
+	return nil, nbd.ErrUnknownExport
+}
+
+func (f *fakeDiscoverer) Wipe(_ context.Context, u *nbd.URI, _ *nbd.TLSOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.wiped = append(f.wiped, u.Export)
+	return nil
+}
+
+const server = "nbd://pool.example"
+
+func newController(t *testing.T, exports ...store.Export) (*driver.ControllerService, *fakeDiscoverer, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "store.db")
+	st, err := store.OpenBolt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	d := &fakeDiscoverer{exports: exports}
+	return driver.NewControllerService(driver.ControllerOptions{}, st, d), d, path
+}
+
+func rwoCaps() []*csi.VolumeCapability { return []*csi.VolumeCapability{mountCap("ext4", rwo)} }
+
+func createReq(name string, size int64, params map[string]string) *csi.CreateVolumeRequest {
+	p := map[string]string{"server": server}
+	for k, v := range params {
+		p[k] = v
+	}
+	return &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+		VolumeCapabilities: rwoCaps(), Parameters: p}
+}
+
+func TestControllerCreateValidation(t *testing.T) {
+	c, _, _ := newController(t, store.Export{Name: "a", Size: 1 << 30, Flags: 1})
+	ctx := context.Background()
+	tests := []struct {
+		name string
+		req  *csi.CreateVolumeRequest
+		want codes.Code
+	}{
+		{"ok", createReq("v", 1<<20, nil), codes.OK},
+		{"no name", createReq("", 1, nil), codes.InvalidArgument},
+		{"no server", &csi.CreateVolumeRequest{Name: "x", VolumeCapabilities: rwoCaps()}, codes.InvalidArgument},
+		{"server with export", createReq("x", 1, map[string]string{"server": "nbd://h/disk"}), codes.InvalidArgument},
+		{"bad server", createReq("x", 1, map[string]string{"server": "http://h"}), codes.InvalidArgument},
+		{"unknown param", createReq("x", 1, map[string]string{"color": "blue"}), codes.InvalidArgument},
+		{"bad glob", createReq("x", 1, map[string]string{"exportFilter": "["}), codes.InvalidArgument},
+		{"bad wipe", createReq("x", 1, map[string]string{"wipeOnDelete": "maybe"}), codes.InvalidArgument},
+		{"bad node key", createReq("x", 1, map[string]string{"connections": "99"}), codes.InvalidArgument},
+		{"sidecar keys ignored (then no export is left)", createReq("y", 1, map[string]string{"csi.storage.k8s.io/pvc/name": "p"}), codes.ResourceExhausted},
+		{"no capabilities", &csi.CreateVolumeRequest{Name: "x", Parameters: map[string]string{"server": server}}, codes.InvalidArgument},
+		{"multi writer", &csi.CreateVolumeRequest{Name: "x", Parameters: map[string]string{"server": server},
+			VolumeCapabilities: []*csi.VolumeCapability{mountCap("ext4", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}}, codes.InvalidArgument},
+		{"snapshot source", &csi.CreateVolumeRequest{Name: "x", Parameters: map[string]string{"server": server}, VolumeCapabilities: rwoCaps(),
+			VolumeContentSource: &csi.VolumeContentSource{}}, codes.InvalidArgument},
+		{"too big", createReq("z", 2<<30, nil), codes.ResourceExhausted},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := c.CreateVolume(ctx, tt.req)
+			if code(err) != tt.want {
+				t.Fatalf("code %v (%v), want %v", code(err), err, tt.want)
+			}
+		})
+	}
+}
+
+func TestControllerProvisioning(t *testing.T) {
+	c, d, _ := newController(t,
+		store.Export{Name: "small", Size: 1 << 30, Flags: 1},
+		store.Export{Name: "big", Size: 8 << 30, Flags: 1},
+		store.Export{Name: "ro", Size: 2 << 30, Flags: 3, ReadOnly: true},
+		store.Export{Name: "other-x", Size: 4 << 30, Flags: 1})
+	ctx := context.Background()
+	v, err := c.CreateVolume(ctx, createReq("pvc-1", 1<<30, map[string]string{"wipeOnDelete": "true", "timeout": "10s", "exportFilter": "[sb]*"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Volume.CapacityBytes != 1<<30 || v.Volume.VolumeContext["uri"] != server+"/small" || v.Volume.VolumeContext["timeout"] != "10s" {
+		t.Errorf("volume = %v", v.Volume)
+	}
+	again, err := c.CreateVolume(ctx, createReq("pvc-1", 1<<30, map[string]string{"wipeOnDelete": "true", "timeout": "10s", "exportFilter": "[sb]*"}))
+	if err != nil || again.Volume.VolumeId != v.Volume.VolumeId {
+		t.Errorf("retry = %v, %v; want the same volume", again, err)
+	}
+	// A writer never gets the read-only export; 3 GiB fits only "big" (the
+	// filter excludes other-x).
+	w, err := c.CreateVolume(ctx, createReq("pvc-2", 2<<30, map[string]string{"exportFilter": "[sbr]*"}))
+	if err != nil || w.Volume.VolumeContext["uri"] != server+"/big" {
+		t.Errorf("writer = %v, %v; want big", w, err)
+	}
+	_, err = c.CreateVolume(ctx, createReq("pvc-3", 16<<30, nil))
+	if code(err) != codes.OutOfRange {
+		t.Errorf("too large = %v, want OutOfRange naming the largest free", err)
+	}
+
+	// Fencing.
+	pub := &csi.ControllerPublishVolumeRequest{VolumeId: v.Volume.VolumeId, NodeId: "n1", VolumeCapability: mountCap("ext4", rwo)}
+	if _, err := c.ControllerPublishVolume(ctx, pub); err != nil {
+		t.Fatal(err)
+	}
+	pub2 := &csi.ControllerPublishVolumeRequest{VolumeId: v.Volume.VolumeId, NodeId: "n2", VolumeCapability: mountCap("ext4", rwo)}
+	if _, err := c.ControllerPublishVolume(ctx, pub2); code(err) != codes.FailedPrecondition {
+		t.Errorf("second node = %v, want FailedPrecondition", err)
+	}
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); code(err) != codes.FailedPrecondition {
+		t.Errorf("delete while published = %v, want FailedPrecondition", err)
+	}
+	if _, err := c.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: v.Volume.VolumeId, NodeId: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	if len(d.wiped) != 1 || d.wiped[0] != "small" {
+		t.Errorf("wiped %v, want [small]", d.wiped)
+	}
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); err != nil {
+		t.Errorf("second delete: %v", err)
+	}
+
+	// Static volumes: fenced by their volume context; unknown IDs do not exist.
+	static := &csi.ControllerPublishVolumeRequest{VolumeId: "my-pv", NodeId: "n1", VolumeCapability: mountCap("ext4", rwo),
+		VolumeContext: map[string]string{"uri": "nbd://h/disk"}}
+	if _, err := c.ControllerPublishVolume(ctx, static); err != nil {
+		t.Errorf("static publish: %v", err)
+	}
+	static.NodeId = "n2"
+	if _, err := c.ControllerPublishVolume(ctx, static); code(err) != codes.FailedPrecondition {
+		t.Errorf("static second node = %v, want FailedPrecondition", err)
+	}
+	if _, err := c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: "nope", NodeId: "n1",
+		VolumeCapability: mountCap("ext4", rwo)}); code(err) != codes.NotFound {
+		t.Errorf("unknown volume = %v, want NotFound", err)
+	}
+
+	// Expansion: only within the export's size.
+	if _, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: w.Volume.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 9 << 30}}); code(err) != codes.OutOfRange {
+		t.Errorf("expand beyond export = %v, want OutOfRange", err)
+	}
+	if r, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: w.Volume.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 30}}); err != nil || r.CapacityBytes != 8<<30 || !r.NodeExpansionRequired {
+		t.Errorf("expand within export = %v, %v", r, err)
+	}
+
+	// Capacity of the pool: small (released) + other-x for writers.
+	cp, err := c.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"server": server}, VolumeCapabilities: rwoCaps()})
+	if err != nil || cp.AvailableCapacity != 5<<30 || cp.MaximumVolumeSize.GetValue() != 4<<30 {
+		t.Errorf("capacity = %v, %v", cp, err)
+	}
+
+	// Server unreachable and never scanned: Unavailable.
+	d.err = fmt.Errorf("connect: %w", os.ErrDeadlineExceeded)
+	if _, err := c.CreateVolume(ctx, createReq("pvc-9", 1, map[string]string{"server": "nbd://elsewhere"})); code(err) != codes.Unavailable {
+		t.Errorf("unreachable server = %v, want Unavailable", err)
+	}
+}
+
+func TestControllerConcurrentCreate(t *testing.T) {
+	var exports []store.Export
+	for i := 0; i < 50; i++ {
+		exports = append(exports, store.Export{Name: fmt.Sprintf("e%02d", i), Size: 1 << 30, Flags: 1})
+	}
+	c, _, _ := newController(t, exports...)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	owner := map[string]string{}
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			for {
+				v, err := c.CreateVolume(context.Background(), createReq(fmt.Sprintf("pvc-%02d", i), 1<<30, nil))
+				if code(err) == codes.Aborted {
+					continue
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				if other, dup := owner[v.Volume.VolumeContext["uri"]]; dup {
+					t.Errorf("%s handed to pvc-%02d and %s", v.Volume.VolumeContext["uri"], i, other)
+				}
+				owner[v.Volume.VolumeContext["uri"]] = fmt.Sprintf("pvc-%02d", i)
+				mu.Unlock()
+				return
+			}
+		}(i)
+	}
+	wg.Wait()
+	if len(owner) != 50 {
+		t.Errorf("%d distinct exports for 50 volumes", len(owner))
+	}
+}
+
+func TestControllerRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	d := &fakeDiscoverer{exports: []store.Export{{Name: "a", Size: 1 << 30, Flags: 1}, {Name: "b", Size: 1 << 30, Flags: 1}}}
+	ctx := context.Background()
+	st, err := store.OpenBolt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := driver.NewControllerService(driver.ControllerOptions{}, st, d)
+	v, err := c.CreateVolume(ctx, createReq("pvc", 1, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: v.Volume.VolumeId, NodeId: "n1",
+		VolumeCapability: mountCap("ext4", rwo)}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+
+	// A new controller process on the same store file loses nothing.
+	st, err = store.OpenBolt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c = driver.NewControllerService(driver.ControllerOptions{}, st, d)
+	again, err := c.CreateVolume(ctx, createReq("pvc", 1, nil))
+	if err != nil || again.Volume.VolumeId != v.Volume.VolumeId || again.Volume.VolumeContext["uri"] != v.Volume.VolumeContext["uri"] {
+		t.Errorf("retry after restart = %v, %v; want %v", again, err, v.Volume)
+	}
+	if _, err := c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: v.Volume.VolumeId, NodeId: "n2",
+		VolumeCapability: mountCap("ext4", rwo)}); code(err) != codes.FailedPrecondition {
+		t.Errorf("fencing after restart = %v, want FailedPrecondition", err)
+	}
+	if _, err := c.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: v.Volume.VolumeId, NodeId: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := c.ListVolumes(ctx, &csi.ListVolumesRequest{})
+	if err != nil || len(r.Entries) != 0 {
+		t.Errorf("volumes after delete: %v, %v", r, err)
+	}
+}
+
+// TestControllerWipeNbdkit wipes a real nbdkit export (file plugin) and
+// checks the backing file reads as zeroes.
+func TestControllerWipeNbdkit(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "disk")
+	data := bytes.Repeat([]byte("tenant-data!"), (8<<20)/12+1)[:8<<20]
+	if err := os.WriteFile(file, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"file", "file=" + file}, {"--filter=nozero", "file", "file=" + file}} {
+		if err := os.WriteFile(file, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		srv := servers.Nbdkit(t, servers.Unix, args...)
+		u, _ := nbd.ParseURI(srv.URI(""))
+		if err := (driver.NBDDiscoverer{}).Wipe(context.Background(), u, nil); err != nil {
+			t.Fatalf("%v: wipe: %v", args, err)
+		}
+		got, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, make([]byte, len(data))) {
+			t.Errorf("%v: export not zeroed", args)
+		}
+		srv.Stop()
+	}
+}
