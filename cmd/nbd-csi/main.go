@@ -8,6 +8,7 @@
 //	nbd-csi attach [flags] URI               attach an export to /dev/nbdN
 //	nbd-csi detach DEVICE|--id ID            detach a device
 //	nbd-csi devices [--json]                 list nbd devices
+//	nbd-csi exports [--json] [--store PATH]  the controller's inventory
 //	nbd-csi version                          print the version
 //
 // See docs/cli.md for every flag and the JSON field names.
@@ -39,6 +40,7 @@ func commands() []command {
 		{"attach", "attach an export to a kernel nbd device (for operators and tests)", runAttach},
 		{"detach", "detach an nbd device", runDetach},
 		{"devices", "list the kernel's nbd devices and who attached them", runDevices},
+		{"exports", "list the controller's export inventory and claims", runExports},
 		{"version", "print the version", runVersion},
 	}
 }

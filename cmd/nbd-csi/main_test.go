@@ -11,10 +11,12 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/nbd-csi/nbd-csi/internal/servers"
+	"github.com/nbd-csi/nbd-csi/pkg/store"
 )
 
 func runCLI(t *testing.T, args ...string) (int, string, string) {
@@ -104,5 +106,38 @@ func TestCLITLS(t *testing.T) {
 	code, _, errOut = runCLI(t, "probe", "--tls-ca", certs.CAFile, plain.URI(""))
 	if code != 1 || !strings.Contains(errOut, "TLS") {
 		t.Errorf("TLS probe of a plaintext server: exit %d, %q", code, errOut)
+	}
+}
+
+func TestCLIExports(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	st, err := store.OpenBolt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.SyncExports("nbd://h", []store.Export{{Name: "a", Size: 1 << 30, Flags: 1}, {Name: "b", Size: 2 << 30, Flags: 3}}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Claim(store.ClaimRequest{VolumeName: "pvc", VolumeID: "nbdv-1", Server: "nbd://h", MinSize: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Publish(store.Attachment{VolumeID: "nbdv-1", NodeID: "node-1"}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	code, out, errOut := runCLI(t, "exports", "--json", "--store", path)
+	if code != 0 {
+		t.Fatalf("exports: %d %s", code, errOut)
+	}
+	var got []ExportOutput
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Phase != "Bound" || got[0].VolumeName != "pvc" || !cmp.Equal(got[0].Nodes, []string{"node-1"}) ||
+		got[1].Phase != "Available" || !cmp.Equal(got[1].Flags, []string{"read-only"}) {
+		t.Errorf("exports --json = %+v", got)
+	}
+	if code, out, _ := runCLI(t, "exports", "--store", path); code != 0 || !strings.Contains(out, "Bound") {
+		t.Errorf("exports table (exit %d):\n%s", code, out)
 	}
 }
