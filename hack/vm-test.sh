@@ -5,11 +5,15 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 VM_TIMEOUT=${VM_TIMEOUT:-25m}
-# Packages with kernel tests, each with its -test.run pattern: the
-# TestKernel* suites, and csi-sanity with the real node (test/sanity uses the
-# real attacher and mounter where the kernel has nbd).
-pkgs=(./pkg/device ./test/kernel ./test/sanity)
-declare -A run=([./pkg/device]='^TestKernel' [./test/kernel]='^TestKernel' [./test/sanity]='^TestSanity$')
+# Kernel suites as "package:-test.run pattern": the TestKernel* suites, and
+# csi-sanity with the real node, in-process and against the `nbd-csi serve`
+# binary (ginkgo runs once per process, hence two runs of test/sanity).
+suites=(
+	"./pkg/device:^TestKernel"
+	"./test/kernel:^TestKernel"
+	"./test/sanity:^TestSanity\$"
+	"./test/sanity:^TestSanityBinary\$"
+)
 
 # The plugin binary, for tests that run `nbd-csi serve` as a process.
 bindir=$(mktemp -d)
@@ -17,10 +21,16 @@ trap 'rm -rf "$bindir"' EXIT
 CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
 args=(-file "$bindir/nbd-csi:/bin/nbd-csi" -env NBDCSI_BIN=/bin/nbd-csi)
 script="modprobe nbd nbds_max=16 max_part=0"
-for p in "${pkgs[@]}"; do
-	args+=(-gotest "$p")
+declare -A built=()
+for suite in "${suites[@]}"; do
+	p=${suite%%:*}
+	pattern=${suite#*:}
 	name=$(basename "$p")
-	script+=" && echo '=== $name' && /bin/$name.test -test.v -test.timeout ${VM_TIMEOUT} -test.run '${run[$p]}'"
+	if [ -z "${built[$p]:-}" ]; then
+		args+=(-gotest "$p")
+		built[$p]=1
+	fi
+	script+=" && echo '=== $name $pattern' && /bin/$name.test -test.v -test.timeout ${VM_TIMEOUT} -test.run '$pattern'"
 done
 start=$(date +%s)
 go run ./test/vm/cmd/vmrun -timeout "$VM_TIMEOUT" -mem 3072 "${args[@]}" -- "$script"

@@ -13,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -36,8 +37,9 @@ func kernelAvailable() bool {
 	return err == nil
 }
 
-func TestSanity(t *testing.T) {
-	root := t.TempDir()
+// startPool serves 40 sparse exports of 64–103 MiB with a real nbdkit.
+func startPool(t *testing.T, root string) *servers.Server {
+	t.Helper()
 	pool := filepath.Join(root, "pool")
 	if err := os.MkdirAll(pool, 0o755); err != nil {
 		t.Fatal(err)
@@ -52,7 +54,38 @@ func TestSanity(t *testing.T) {
 		}
 		f.Close()
 	}
-	srv := servers.Nbdkit(t, servers.Unix, "file", "dir="+pool)
+	return servers.Nbdkit(t, servers.Unix, "file", "dir="+pool)
+}
+
+// runSanity runs csi-sanity against endpoint, provisioning from srv.
+func runSanity(t *testing.T, endpoint, kubelet string, srv *servers.Server) {
+	t.Helper()
+	for _, d := range []string{filepath.Join(kubelet, "pods", "sanity"), filepath.Join(kubelet, "plugins", "sanity")} {
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The controller cannot know whether a node ID exists: nodes are
+	// Kubernetes objects it does not watch, and the external-attacher only
+	// sends IDs of CSINode objects. This one spec is skipped for that reason.
+	if err := flag.Set("ginkgo.skip", "should fail when the node does not exist"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := sanity.NewTestConfig()
+	cfg.Address = endpoint
+	cfg.TargetPath = filepath.Join(kubelet, "pods", "sanity", "target")
+	cfg.StagingPath = filepath.Join(kubelet, "plugins", "sanity", "staging")
+	cfg.TestVolumeSize = 64 << 20
+	cfg.TestVolumeExpandSize = 64 << 20 // exports cannot grow; expanding within the claimed size works
+	cfg.TestVolumeParameters = map[string]string{driver.ParamServer: srv.URI("")}
+	cfg.IdempotentCount = 2
+	sanity.Test(t, cfg)
+}
+
+// TestSanity runs the driver in-process.
+func TestSanity(t *testing.T) {
+	root := t.TempDir()
+	srv := startPool(t, root)
 
 	st, err := store.OpenBolt(filepath.Join(root, "store.db"))
 	if err != nil {
@@ -64,8 +97,7 @@ func TestSanity(t *testing.T) {
 	kubelet := filepath.Join(root, "kubelet")
 	var att driver.VolumeAttacher
 	var mnt driver.Mounter
-	real := kernelAvailable()
-	if real {
+	if kernelAvailable() {
 		a := attach.New(context.Background(), attach.Options{Device: device.Options{Module: device.ModuleOptions{Skip: true}}})
 		t.Cleanup(func() { a.Close() })
 		att, mnt = a, driver.NewNodeMounter()
@@ -102,25 +134,39 @@ func TestSanity(t *testing.T) {
 	go func() { done <- d.Serve(ctx, l, time.Second) }()
 	t.Cleanup(func() { cancel(); <-done })
 
-	for _, d := range []string{filepath.Join(kubelet, "pods", "sanity"), filepath.Join(kubelet, "plugins", "sanity")} {
-		if err := os.MkdirAll(d, 0o750); err != nil {
-			t.Fatal(err)
+	runSanity(t, endpoint, kubelet, srv)
+}
+
+// TestSanityBinary runs csi-sanity against an `nbd-csi serve --mode=all`
+// process (NBDCSI_BIN) on the real kernel: what a cluster runs.
+func TestSanityBinary(t *testing.T) {
+	bin := os.Getenv("NBDCSI_BIN")
+	if bin == "" || !kernelAvailable() {
+		if os.Getenv("NBDCSI_IN_VM") == "1" {
+			t.Fatal("in the VM NBDCSI_BIN and the nbd module must be there")
 		}
+		t.Skip("needs NBDCSI_BIN and a kernel with nbd (make vm-test)")
 	}
-	// The controller cannot know whether a node ID exists: nodes are
-	// Kubernetes objects it does not watch, and the external-attacher only
-	// sends IDs of CSINode objects. This one spec is skipped for that reason.
-	if err := flag.Set("ginkgo.skip", "should fail when the node does not exist"); err != nil {
+	root := t.TempDir()
+	srv := startPool(t, root)
+	kubelet := filepath.Join(root, "kubelet")
+	sock := filepath.Join(root, "csi.sock")
+	cmd := exec.Command(bin, "serve", "--mode=all", "--endpoint=unix://"+sock, "--node-id=sanity-node",
+		"--kubelet-dir="+kubelet, "--state-dir="+filepath.Join(root, "state"), "--store-path="+filepath.Join(root, "store.db"),
+		"--skip-modprobe", "--scan-max-age=1s")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	cfg := sanity.NewTestConfig()
-	cfg.Address = endpoint
-	cfg.TargetPath = filepath.Join(kubelet, "pods", "sanity", "target")
-	cfg.StagingPath = filepath.Join(kubelet, "plugins", "sanity", "staging")
-	cfg.TestVolumeSize = 64 << 20
-	cfg.TestVolumeExpandSize = 64 << 20 // exports cannot grow; expanding within the claimed size works
-	cfg.TestVolumeParameters = map[string]string{driver.ParamServer: srv.URI("")}
-	cfg.IdempotentCount = 2
-	cfg.TestNodeVolumeAttachLimit = false
-	sanity.Test(t, cfg)
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i > 300 {
+			t.Fatal("nbd-csi serve did not create its socket")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	runSanity(t, "unix://"+sock, kubelet, srv)
 }
