@@ -45,7 +45,9 @@ vm-test:
 ## bench: benchmarks against the reference tools, same run, with ratios
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/nbd/
-	@if [ -x bench/handshake.sh ]; then bench/handshake.sh; fi
+	bench/handshake.sh
+	bench/kernel.sh
+	$(GO) test -run '^$$' -bench BenchmarkCreateDelete -benchtime 200x ./pkg/driver/
 
 ## demo: start a real NBD server and show what nbd-csi does with it
 demo: build

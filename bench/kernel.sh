@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Kernel benchmarks in the test/vm VM: nbd-csi attach and data path against
+# nbd-client on the same nbdkit export, same run. Usage: bench/kernel.sh
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+bindir=$(mktemp -d)
+trap 'rm -rf "$bindir"' EXIT
+CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
+go run ./test/vm/cmd/vmrun -timeout 10m -mem 3072 -file "$bindir/nbd-csi:/bin/nbd-csi" \
+	-file bench/kernel-guest.sh:/bin/kernel-guest.sh -- 'modprobe nbd nbds_max=16 max_part=0 && /bin/kernel-guest.sh' \
+	| sed -n '/BENCH-BEGIN/,/BENCH-END/p' | grep -v BENCH-
