@@ -3,6 +3,7 @@
 package store
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"sort"
@@ -17,7 +18,37 @@ var (
 	bucketVolumes = []byte("volumes")     // volume ID → export key
 	bucketNames   = []byte("names")       // volume name → volume ID
 	bucketHolders = []byte("attachments") // volume ID → []Attachment
+	// bucketFree indexes Available exports by server and size, so a claim
+	// finds the smallest fitting one without reading the whole pool:
+	// server \x00 size (8 bytes, big-endian) name → export key.
+	bucketFree = []byte("free")
 )
+
+// freeKey is an export's key in bucketFree.
+func freeKey(e *Export) []byte {
+	k := make([]byte, 0, len(e.Server)+1+8+len(e.Name))
+	k = append(k, e.Server...)
+	k = append(k, 0)
+	k = binary.BigEndian.AppendUint64(k, e.Size)
+	return append(k, e.Name...)
+}
+
+// putExport stores e and keeps the free index in step with its phase and
+// size; old is the previous record (nil if none).
+func putExport(tx *bolt.Tx, old, e *Export) error {
+	free := tx.Bucket(bucketFree)
+	if old != nil && old.Phase == PhaseAvailable {
+		if err := free.Delete(freeKey(old)); err != nil {
+			return err
+		}
+	}
+	if e.Phase == PhaseAvailable {
+		if err := free.Put(freeKey(e), []byte(e.Key())); err != nil {
+			return err
+		}
+	}
+	return putJSON(tx.Bucket(bucketExports), e.Key(), e)
+}
 
 // Bolt is the embedded store: one file, bbolt transactions. A second
 // process opening the same file waits for the first (bbolt's file lock), so
@@ -35,12 +66,26 @@ func OpenBolt(path string) (*Bolt, error) {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketExports, bucketVolumes, bucketNames, bucketHolders} {
+		hadIndex := tx.Bucket(bucketFree) != nil
+		for _, b := range [][]byte{bucketExports, bucketVolumes, bucketNames, bucketHolders, bucketFree} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
 		}
-		return nil
+		if hadIndex {
+			return nil
+		}
+		// A store written before the free index existed: build it.
+		return tx.Bucket(bucketExports).ForEach(func(k, v []byte) error {
+			var e Export
+			if err := json.Unmarshal(v, &e); err != nil {
+				return fmt.Errorf("corrupt record %q: %w", k, err)
+			}
+			if e.Phase != PhaseAvailable {
+				return nil
+			}
+			return tx.Bucket(bucketFree).Put(freeKey(&e), k)
+		})
 	})
 	if err != nil {
 		db.Close()
@@ -94,7 +139,11 @@ func (b *Bolt) SyncExports(server string, listed []Export, now time.Time) error 
 			if err != nil {
 				return err
 			}
-			if !found {
+			var prev *Export
+			if found {
+				p := e
+				prev = &p
+			} else {
 				e = Export{Server: server, Name: l.Name, Phase: PhaseAvailable}
 			}
 			e.Description, e.Size, e.Flags, e.ReadOnly, e.SeenAt = l.Description, l.Size, l.Flags, l.ReadOnly, now
@@ -104,7 +153,7 @@ func (b *Bolt) SyncExports(server string, listed []Export, now time.Time) error 
 					e.Phase = PhaseBound
 				}
 			}
-			if err := putJSON(bk, key, &e); err != nil {
+			if err := putExport(tx, prev, &e); err != nil {
 				return err
 			}
 		}
@@ -119,14 +168,35 @@ func (b *Bolt) SyncExports(server string, listed []Export, now time.Time) error 
 				return fmt.Errorf("corrupt record %q: %w", k, err)
 			}
 			if e.Phase != PhaseMissing {
+				prev := e
 				e.Phase = PhaseMissing
-				if err := putJSON(bk, string(k), &e); err != nil {
+				if err := putExport(tx, &prev, &e); err != nil {
 					return err
 				}
 			}
 		}
 		return nil
 	})
+}
+
+// capacityError describes why no export fits (the slow path: it reads every
+// available export of the server).
+func capacityError(tx *bolt.Tx, req ClaimRequest) error {
+	ce := &CapacityError{Wanted: req.MinSize}
+	prefix := []byte(req.Server + "\x00")
+	c := tx.Bucket(bucketFree).Cursor()
+	for k, v := c.Seek(prefix); k != nil && hasPrefix(k, prefix); k, v = c.Next() {
+		var e Export
+		if _, err := getJSON(tx.Bucket(bucketExports), string(v), &e); err != nil {
+			return err
+		}
+		if req.Fits != nil && !req.Fits(&e) {
+			continue
+		}
+		ce.Free++
+		ce.LargestFree = max(ce.LargestFree, e.Size)
+	}
+	return ce
 }
 
 func hasPrefix(b, p []byte) bool { return len(b) >= len(p) && string(b[:len(p)]) == string(p) }
@@ -151,37 +221,33 @@ func (b *Bolt) Claim(req ClaimRequest) (*Export, error) {
 			out = &e
 			return nil
 		}
+		// Smallest first: walk the free index from the requested size up.
 		var best *Export
-		ce := &CapacityError{Wanted: req.MinSize}
-		c := exports.Cursor()
 		prefix := []byte(req.Server + "\x00")
-		for k, v := c.Seek(prefix); k != nil && hasPrefix(k, prefix); k, v = c.Next() {
+		start := binary.BigEndian.AppendUint64(append([]byte(nil), prefix...), req.MinSize)
+		c := tx.Bucket(bucketFree).Cursor()
+		for k, v := c.Seek(start); k != nil && hasPrefix(k, prefix); k, v = c.Next() {
 			var e Export
-			if err := json.Unmarshal(v, &e); err != nil {
-				return fmt.Errorf("corrupt record %q: %w", k, err)
+			if found, err := getJSON(exports, string(v), &e); err != nil {
+				return err
+			} else if !found || e.Phase != PhaseAvailable {
+				return fmt.Errorf("free index names %q, which is not available", v)
 			}
-			if e.Phase != PhaseAvailable || (req.Fits != nil && !req.Fits(&e)) {
-				continue
-			}
-			ce.Free++
-			ce.LargestFree = max(ce.LargestFree, e.Size)
-			if e.Size < req.MinSize {
-				continue
-			}
-			if best == nil || e.Size < best.Size || (e.Size == best.Size && e.Name < best.Name) {
-				ec := e
-				best = &ec
+			if req.Fits == nil || req.Fits(&e) {
+				best = &e
+				break
 			}
 		}
 		if best == nil {
-			return ce
+			return capacityError(tx, req)
 		}
+		prev := *best
 		best.Phase, best.VolumeName, best.VolumeID = PhaseBound, req.VolumeName, req.VolumeID
 		best.Wipe = req.Wipe
 		if req.VolumeContext != nil {
 			best.VolumeContext = req.VolumeContext(best.Name)
 		}
-		if err := putJSON(exports, best.Key(), best); err != nil {
+		if err := putExport(tx, &prev, best); err != nil {
 			return err
 		}
 		if err := volumes.Put([]byte(req.VolumeID), []byte(best.Key())); err != nil {
@@ -218,7 +284,7 @@ func (b *Bolt) Release(volumeID string) (*Export, error) {
 				e.Phase = PhaseAvailable
 			}
 			e.VolumeName, e.VolumeID, e.VolumeContext, e.Wipe = "", "", nil, false
-			if err := putJSON(exports, string(key), &e); err != nil {
+			if err := putExport(tx, &released, &e); err != nil {
 				return err
 			}
 		}
