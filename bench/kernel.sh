@@ -9,3 +9,9 @@ CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
 go run ./test/vm/cmd/vmrun -timeout 10m -mem 3072 -file "$bindir/nbd-csi:/bin/nbd-csi" \
 	-file bench/kernel-guest.sh:/bin/kernel-guest.sh -- 'modprobe nbd nbds_max=16 max_part=0 && /bin/kernel-guest.sh' \
 	| sed -n '/BENCH-BEGIN/,/BENCH-END/p' | grep -v BENCH-
+echo
+echo "| NodeStage | nbd-csi | nbd-client + mkfs.ext4 + mount | ratio |"
+echo "|---|---:|---:|---:|"
+go run ./test/vm/cmd/vmrun -timeout 15m -mem 3072 -env NBDCSI_BENCH=1 -gotest ./test/kernel -- \
+	'modprobe nbd nbds_max=128 max_part=0 && /bin/kernel.test -test.run TestKernelBenchStage -test.timeout 14m' \
+	| sed -n 's/^BENCH| /| /p'
