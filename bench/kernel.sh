@@ -12,6 +12,6 @@ go run ./test/vm/cmd/vmrun -timeout 10m -mem 3072 -file "$bindir/nbd-csi:/bin/nb
 echo
 echo "| NodeStage | nbd-csi | nbd-client + mkfs.ext4 + mount | ratio |"
 echo "|---|---:|---:|---:|"
-go run ./test/vm/cmd/vmrun -timeout 15m -mem 3072 -env NBDCSI_BENCH=1 -gotest ./test/kernel -- \
+go run ./test/vm/cmd/vmrun -timeout 15m -mem 4096 -env NBDCSI_BENCH=1 -gotest ./test/kernel -- \
 	'modprobe nbd nbds_max=128 max_part=0 && /bin/kernel.test -test.run TestKernelBenchStage -test.timeout 14m' \
 	| sed -n 's/^BENCH| /| /p'
