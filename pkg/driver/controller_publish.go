@@ -125,12 +125,9 @@ func (s *ControllerService) ValidateVolumeCapabilities(ctx context.Context, req 
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "volume capabilities are required")
 	}
-	e, err := s.store.Volume(id)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id)
-	}
+	e, err := s.existingVolume(id)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+		return nil, err
 	}
 	for _, c := range req.GetVolumeCapabilities() {
 		if _, err := parseCapability(c); err != nil {
@@ -173,14 +170,11 @@ func (s *ControllerService) ListVolumes(ctx context.Context, req *csi.ListVolume
 	}
 	resp := &csi.ListVolumesResponse{}
 	for _, e := range vols[start:end] {
-		holders, err := s.store.Holders(e.VolumeID)
+		nodes, err := s.nodeIDs(e.VolumeID)
 		if err != nil {
-			return nil, status.Errorf(codes.Internal, "holders: %v", err)
+			return nil, err
 		}
-		st := &csi.ListVolumesResponse_VolumeStatus{}
-		for _, h := range holders {
-			st.PublishedNodeIds = append(st.PublishedNodeIds, h.NodeID)
-		}
+		st := &csi.ListVolumesResponse_VolumeStatus{PublishedNodeIds: nodes}
 		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
 			Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext},
 			Status: st,
@@ -236,24 +230,15 @@ func (s *ControllerService) GetCapacity(ctx context.Context, req *csi.GetCapacit
 
 // ControllerGetVolume returns a volume and the nodes holding it.
 func (s *ControllerService) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
-	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
-	e, err := s.store.Volume(req.GetVolumeId())
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", req.GetVolumeId())
-	}
+	e, err := s.existingVolume(req.GetVolumeId())
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+		return nil, err
 	}
-	holders, err := s.store.Holders(e.VolumeID)
+	nodes, err := s.nodeIDs(e.VolumeID)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "holders: %v", err)
+		return nil, err
 	}
-	st := &csi.ControllerGetVolumeResponse_VolumeStatus{}
-	for _, h := range holders {
-		st.PublishedNodeIds = append(st.PublishedNodeIds, h.NodeID)
-	}
+	st := &csi.ControllerGetVolumeResponse_VolumeStatus{PublishedNodeIds: nodes}
 	return &csi.ControllerGetVolumeResponse{
 		Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext}, Status: st,
 	}, nil
@@ -262,15 +247,9 @@ func (s *ControllerService) ControllerGetVolume(ctx context.Context, req *csi.Co
 // ControllerGetVolumeHealth reports INACCESSIBLE when the export is missing
 // from its server's listing or does not answer.
 func (s *ControllerService) ControllerGetVolumeHealth(ctx context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
-	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
-	e, err := s.store.Volume(req.GetVolumeId())
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", req.GetVolumeId())
-	}
+	e, err := s.existingVolume(req.GetVolumeId())
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+		return nil, err
 	}
 	h := &csi.VolumeHealth{VolumeId: e.VolumeID}
 	bad := func(reason, msg string) {
@@ -297,17 +276,10 @@ func (s *ControllerService) ControllerGetVolumeHealth(ctx context.Context, req *
 // requested size (grown on the server); NBD has no resize command that
 // servers implement, so the controller cannot grow it.
 func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
-	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
 	required := req.GetCapacityRange().GetRequiredBytes()
-	e, err := s.store.Volume(id)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id)
-	}
+	e, err := s.existingVolume(req.GetVolumeId())
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+		return nil, err
 	}
 	size := e.Size
 	if u, err := nbd.ParseURI(e.VolumeContext[KeyURI]); err == nil {
@@ -320,4 +292,33 @@ func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi
 	}
 	block := req.GetVolumeCapability().GetBlock() != nil
 	return &csi.ControllerExpandVolumeResponse{CapacityBytes: int64(size), NodeExpansionRequired: !block}, nil
+}
+
+// existingVolume returns a provisioned volume's record: InvalidArgument for
+// an empty ID, NotFound for an unknown one.
+func (s *ControllerService) existingVolume(id string) (*store.Export, error) {
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	}
+	e, err := s.store.Volume(id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "look up volume: %v", err)
+	}
+	return e, nil
+}
+
+// nodeIDs lists the nodes holding a volume.
+func (s *ControllerService) nodeIDs(id string) ([]string, error) {
+	holders, err := s.store.Holders(id)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "holders: %v", err)
+	}
+	var nodes []string
+	for _, h := range holders {
+		nodes = append(nodes, h.NodeID)
+	}
+	return nodes, nil
 }
