@@ -18,7 +18,8 @@ import (
 )
 
 // skipUnlessRig skips tests that boot a VM in -short mode and on hosts
-// that cannot run the rig.
+// that cannot run the rig — except with NBDCSI_REQUIRE_VM=1 (CI), where a
+// missing rig is a failure.
 func skipUnlessRig(t *testing.T) {
 	t.Helper()
 	if testing.Short() {
@@ -28,6 +29,9 @@ func skipUnlessRig(t *testing.T) {
 		t.Skip("already inside the VM")
 	}
 	if err := vm.Available(); err != nil {
+		if os.Getenv("NBDCSI_REQUIRE_VM") == "1" {
+			t.Fatalf("%v, and NBDCSI_REQUIRE_VM=1 forbids skipping", err)
+		}
 		t.Skip(err)
 	}
 }
