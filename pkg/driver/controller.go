@@ -32,6 +32,10 @@ type ControllerOptions struct {
 	ScanMaxAge time.Duration
 	// ScanTimeout bounds one scan of a server.
 	ScanTimeout time.Duration
+	// ScanInterval is how often Start rescans every server it has seen, so
+	// that exports that appear or vanish show in the inventory without a
+	// request (0: no background scans).
+	ScanInterval time.Duration
 }
 
 // ControllerService implements the CSI controller service: provisioning
@@ -46,6 +50,15 @@ type ControllerService struct {
 	mu       sync.Mutex
 	scanned  map[string]time.Time // server URI → last successful scan
 	scanLock map[string]*sync.Mutex
+	// servers remembers each server seen in a request with the TLS
+	// material it came with (in memory only), for background scans.
+	servers map[string]knownServer
+}
+
+// knownServer is a server to rescan in the background.
+type knownServer struct {
+	uri *nbd.URI
+	tls *nbd.TLSOptions
 }
 
 var _ csi.ControllerServer = (*ControllerService)(nil)
@@ -59,7 +72,36 @@ func NewControllerService(opts ControllerOptions, st store.Store, disc Discovere
 		opts.ScanTimeout = 30 * time.Second
 	}
 	return &ControllerService{opts: opts, store: st, disc: disc, volumes: newInflight(),
-		scanned: map[string]time.Time{}, scanLock: map[string]*sync.Mutex{}}
+		scanned: map[string]time.Time{}, scanLock: map[string]*sync.Mutex{}, servers: map[string]knownServer{}}
+}
+
+// Start rescans every server seen so far each ScanInterval until ctx ends.
+func (s *ControllerService) Start(ctx context.Context) {
+	if s.opts.ScanInterval <= 0 {
+		return
+	}
+	go func() {
+		t := time.NewTicker(s.opts.ScanInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			s.mu.Lock()
+			known := make([]knownServer, 0, len(s.servers))
+			for _, k := range s.servers {
+				known = append(known, k)
+			}
+			s.mu.Unlock()
+			for _, k := range known {
+				if err := s.scan(ctx, k.uri, k.tls, s.opts.ScanInterval/2); err != nil {
+					logger(ctx).Error(err, "Background scan failed; the inventory keeps its last state", "server", k.uri.String())
+				}
+			}
+		}
+	}()
 }
 
 // Ready is the controller's part of Probe: the store must answer.
@@ -93,6 +135,9 @@ func (s *ControllerService) scan(ctx context.Context, server *nbd.URI, tls *nbd.
 	if maxAge > 0 && time.Since(last) < maxAge {
 		return nil
 	}
+	s.mu.Lock()
+	s.servers[key] = knownServer{uri: server, tls: tls}
+	s.mu.Unlock()
 	sctx, cancel := context.WithTimeout(ctx, s.opts.ScanTimeout)
 	defer cancel()
 	found, err := s.disc.Discover(sctx, server, tls)

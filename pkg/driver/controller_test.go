@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -313,5 +314,43 @@ func TestControllerWipeNbdkit(t *testing.T) {
 			t.Errorf("%v: export not zeroed", args)
 		}
 		srv.Stop()
+	}
+}
+
+func TestControllerBackgroundScan(t *testing.T) {
+	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	d := &fakeDiscoverer{exports: []store.Export{{Name: "a", Size: 1 << 30, Flags: 1}}}
+	c := driver.NewControllerService(driver.ControllerOptions{ScanInterval: 20 * time.Millisecond}, st, d)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c.Start(ctx)
+	if _, err := c.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"server": server}}); err != nil {
+		t.Fatal(err)
+	}
+	// The server gains an export and loses one; no request comes.
+	d.mu.Lock()
+	d.exports = []store.Export{{Name: "b", Size: 2 << 30, Flags: 1}}
+	d.mu.Unlock()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		all, err := st.Exports()
+		if err != nil {
+			t.Fatal(err)
+		}
+		phases := map[string]store.Phase{}
+		for _, e := range all {
+			phases[e.Name] = e.Phase
+		}
+		if phases["a"] == store.PhaseMissing && phases["b"] == store.PhaseAvailable {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("inventory not refreshed in the background: %v", phases)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
