@@ -14,7 +14,7 @@ FUZZ_TARGETS := \
 	./pkg/nbd:FuzzReplies \
 	./pkg/nbd:FuzzDecodeInfo
 
-.PHONY: all build test unit fuzz vm-test bench demo lint verify clean
+.PHONY: all build test unit fuzz vm-test bench demo lint verify generate image clean
 
 all: build
 
@@ -59,10 +59,19 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	hack/verify-license.sh
 
-## verify: everything `make test` checks before running tests
+## verify: everything `make test` checks before running tests (incl. deploy/ rendered from the chart)
 verify: lint
 	$(GO) mod verify >/dev/null
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum not tidy: run 'go mod tidy'"; exit 1; }
+	hack/verify-deploy.sh
+
+## generate: render deploy/kubernetes from the Helm chart
+generate:
+	hack/generate-deploy.sh
+
+## image: the container image (needs a Docker engine)
+image:
+	docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$$(git rev-parse HEAD) -t ghcr.io/nbd-csi/nbd-csi:$(VERSION) .
 
 clean:
 	rm -rf $(BIN) build

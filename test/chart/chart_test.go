@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package chart renders the Helm chart (charts/nbd-csi) with the real helm
+// binary and checks the objects it produces.
+package chart
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// helm returns a helm binary (hack/helm.sh builds one from the Go module
+// proxy when none is installed).
+func helm(t *testing.T) (string, string) {
+	t.Helper()
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(root, "hack/helm.sh")).Output()
+	if err != nil {
+		if os.Getenv("NBDCSI_REQUIRE_SERVERS") == "1" {
+			t.Fatalf("no helm: %v", err)
+		}
+		t.Skipf("no helm: %v", err)
+	}
+	return strings.TrimSpace(string(out)), filepath.Join(root, "charts/nbd-csi")
+}
+
+type object = map[string]any
+
+// render runs helm template with the values files and returns the objects
+// by "Kind/name".
+func render(t *testing.T, values ...string) map[string]object {
+	t.Helper()
+	bin, chart := helm(t)
+	args := []string{"template", "nbd-csi", chart, "--namespace", "kube-system"}
+	for _, v := range values {
+		args = append(args, "-f", filepath.Join("testdata", v))
+	}
+	var stderr bytes.Buffer
+	cmd := exec.Command(bin, args...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helm template %v: %v\n%s", values, err, stderr.String())
+	}
+	objs := map[string]object{}
+	dec := yaml.NewDecoder(bytes.NewReader(out))
+	for {
+		var o object
+		if err := dec.Decode(&o); err != nil {
+			break
+		}
+		if o == nil {
+			continue
+		}
+		objs[o["kind"].(string)+"/"+get(o, "metadata", "name").(string)] = o
+	}
+	return objs
+}
+
+// get walks maps and lists (ints index lists).
+func get(v any, path ...any) any {
+	for _, p := range path {
+		switch k := p.(type) {
+		case string:
+			m, ok := v.(map[string]any)
+			if !ok {
+				return nil
+			}
+			v = m[k]
+		case int:
+			l, ok := v.([]any)
+			if !ok || k >= len(l) {
+				return nil
+			}
+			v = l[k]
+		}
+	}
+	return v
+}
+
+func container(t *testing.T, o object, name string) map[string]any {
+	t.Helper()
+	for _, c := range get(o, "spec", "template", "spec", "containers").([]any) {
+		if c.(map[string]any)["name"] == name {
+			return c.(map[string]any)
+		}
+	}
+	t.Fatalf("no container %s", name)
+	return nil
+}
+
+func TestChartLint(t *testing.T) {
+	bin, chart := helm(t)
+	if out, err := exec.Command(bin, "lint", "--strict", chart).CombinedOutput(); err != nil {
+		t.Fatalf("helm lint: %v\n%s", err, out)
+	}
+}
+
+func TestChartDefaults(t *testing.T) {
+	objs := render(t)
+	if got := get(objs["CSIDriver/nbd.csi.nbd-csi.io"], "spec", "attachRequired"); got != true {
+		t.Errorf("CSIDriver attachRequired = %v, want true (fencing)", got)
+	}
+	ds := objs["DaemonSet/nbd-csi-node"]
+	if get(ds, "spec", "template", "spec", "hostNetwork") != true {
+		t.Error("node DaemonSet is not hostNetwork (kernels < 6.4 hide the nbd netlink family)")
+	}
+	node := container(t, ds, "nbd-csi")
+	if get(node, "securityContext", "privileged") != true {
+		t.Error("node plugin is not privileged")
+	}
+	found := false
+	for _, m := range node["volumeMounts"].([]any) {
+		mm := m.(map[string]any)
+		if mm["mountPath"] == "/var/lib/kubelet" && mm["mountPropagation"] == "Bidirectional" {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("kubelet dir not mounted with Bidirectional propagation")
+	}
+	dep := objs["Deployment/nbd-csi-controller"]
+	if get(dep, "spec", "template", "spec", "securityContext", "runAsNonRoot") != true {
+		t.Error("controller does not run as non-root")
+	}
+	ctrl := container(t, dep, "nbd-csi")
+	if get(ctrl, "securityContext", "privileged") == true {
+		t.Error("controller is privileged")
+	}
+	for key, o := range objs {
+		for _, kind := range []string{"Deployment/", "DaemonSet/"} {
+			if !strings.HasPrefix(key, kind) {
+				continue
+			}
+			for _, c := range get(o, "spec", "template", "spec", "containers").([]any) {
+				img := c.(map[string]any)["image"].(string)
+				if strings.HasSuffix(img, ":latest") || !strings.Contains(img, ":") {
+					t.Errorf("%s: image %s is not pinned", key, img)
+				}
+			}
+		}
+	}
+	for key := range objs {
+		if strings.HasPrefix(key, "StorageClass/") {
+			t.Errorf("default values create %s", key)
+		}
+	}
+}
+
+func TestChartCustomValues(t *testing.T) {
+	objs := render(t, "custom.yaml")
+	ds := objs["DaemonSet/nbd-csi-node"]
+	node := container(t, ds, "nbd-csi")
+	ok := false
+	for _, m := range node["volumeMounts"].([]any) {
+		mm := m.(map[string]any)
+		if mm["mountPath"] == "/data/kubelet" && mm["mountPropagation"] == "Bidirectional" {
+			ok = true
+		}
+	}
+	if !ok || !strings.Contains(strings.Join(toStrings(node["args"]), " "), "--kubelet-dir=/data/kubelet") {
+		t.Errorf("custom kubeletDir not applied: %v", node["args"])
+	}
+	reg := container(t, ds, "node-driver-registrar")
+	if !strings.Contains(strings.Join(toStrings(reg["args"]), " "), "--kubelet-registration-path=/data/kubelet/plugins/nbd.csi.nbd-csi.io/csi.sock") {
+		t.Errorf("registrar path: %v", reg["args"])
+	}
+	fast := objs["StorageClass/fast"]
+	want := map[string]string{"server": "nbd://nbd.storage.svc:10809", "exportFilter": "ssd-*", "wipeOnDelete": "true",
+		"csi.storage.k8s.io/fstype": "xfs", "connections": "4", "timeout": "30s", "deadConnectionTimeout": "5m"}
+	for k, v := range want {
+		if got := get(fast, "parameters", k); got != v {
+			t.Errorf("StorageClass fast parameter %s = %v, want %s", k, got, v)
+		}
+	}
+	if get(fast, "metadata", "annotations", "storageclass.kubernetes.io/is-default-class") != "true" {
+		t.Error("fast is not the default class")
+	}
+	secure := objs["StorageClass/secure"]
+	for _, k := range []string{"provisioner-secret", "node-stage-secret"} {
+		if get(secure, "parameters", "csi.storage.k8s.io/"+k+"-name") != "nbd-tls" ||
+			get(secure, "parameters", "csi.storage.k8s.io/"+k+"-namespace") != "storage" {
+			t.Errorf("secure %s reference: %v", k, get(secure, "parameters"))
+		}
+	}
+	if _, ok := objs["PersistentVolumeClaim/nbd-csi-controller-store"]; !ok {
+		t.Error("store.type pvc made no PVC")
+	}
+}
+
+func TestChartRejects(t *testing.T) {
+	bin, chart := helm(t)
+	for _, f := range []string{"unknown-key.yaml", "latest-tag.yaml", "two-replicas.yaml"} {
+		out, err := exec.Command(bin, "template", "x", chart, "-f", filepath.Join("testdata", f)).CombinedOutput()
+		if err == nil {
+			t.Errorf("%s was accepted", f)
+		} else if !strings.Contains(string(out), "values don't meet the specifications of the schema") {
+			t.Errorf("%s rejected for another reason: %s", f, out)
+		}
+	}
+}
+
+func toStrings(v any) []string {
+	var out []string
+	for _, x := range v.([]any) {
+		out = append(out, x.(string))
+	}
+	return out
+}
