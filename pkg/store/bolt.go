@@ -343,20 +343,11 @@ func (b *Bolt) Publish(a Attachment) error {
 		if _, err := getJSON(bk, a.VolumeID, &holders); err != nil {
 			return err
 		}
-		for _, h := range holders {
-			if h.NodeID == a.NodeID {
-				if h.ReadOnly == a.ReadOnly {
-					return nil
-				}
-				return fmt.Errorf("%w: volume %s is already published to node %s with readOnly=%v", ErrConflict, a.VolumeID, a.NodeID, h.ReadOnly)
-			}
+		holders, changed, err := AddHolder(holders, a)
+		if err != nil || !changed {
+			return err
 		}
-		for _, h := range holders {
-			if !h.ReadOnly || !a.ReadOnly {
-				return &HeldError{VolumeID: a.VolumeID, NodeID: h.NodeID}
-			}
-		}
-		return putJSON(bk, a.VolumeID, append(holders, a))
+		return putJSON(bk, a.VolumeID, holders)
 	})
 }
 
@@ -368,12 +359,7 @@ func (b *Bolt) Unpublish(volumeID, nodeID string) error {
 		if _, err := getJSON(bk, volumeID, &holders); err != nil {
 			return err
 		}
-		kept := holders[:0]
-		for _, h := range holders {
-			if h.NodeID != nodeID {
-				kept = append(kept, h)
-			}
-		}
+		kept := RemoveHolder(holders, nodeID)
 		if len(kept) == 0 {
 			return bk.Delete([]byte(volumeID))
 		}

@@ -9,6 +9,7 @@ package store
 
 import (
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -162,4 +163,36 @@ type Store interface {
 	Holders(volumeID string) ([]Attachment, error)
 	// Close releases the store.
 	Close() error
+}
+
+// AddHolder applies the fencing rules every store shares: it returns
+// holders with a added (changed true), holders unchanged when a is already
+// recorded, a *HeldError when a writer would share the volume, or
+// ErrConflict when the node holds it with the other readOnly.
+func AddHolder(holders []Attachment, a Attachment) ([]Attachment, bool, error) {
+	for _, h := range holders {
+		if h.NodeID == a.NodeID {
+			if h.ReadOnly == a.ReadOnly {
+				return holders, false, nil
+			}
+			return holders, false, fmt.Errorf("%w: volume %s is already published to node %s with readOnly=%v", ErrConflict, a.VolumeID, a.NodeID, h.ReadOnly)
+		}
+	}
+	for _, h := range holders {
+		if !h.ReadOnly || !a.ReadOnly {
+			return holders, false, &HeldError{VolumeID: a.VolumeID, NodeID: h.NodeID}
+		}
+	}
+	return append(holders[:len(holders):len(holders)], a), true, nil
+}
+
+// RemoveHolder returns holders without nodeID (a new slice).
+func RemoveHolder(holders []Attachment, nodeID string) []Attachment {
+	var kept []Attachment
+	for _, h := range holders {
+		if h.NodeID != nodeID {
+			kept = append(kept, h)
+		}
+	}
+	return kept
 }
