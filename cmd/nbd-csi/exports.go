@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
-	"github.com/nbd-csi/nbd-csi/pkg/store"
 )
 
 // ExportOutput is one export in `nbd-csi exports --json` (docs/cli.md).
@@ -28,14 +27,15 @@ type ExportOutput struct {
 	SeenAt      time.Time `json:"seen_at"`
 }
 
-func runExports(_ context.Context, args []string, stdout io.Writer) error {
+func runExports(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("exports", flag.ContinueOnError)
-	path := fs.String("store", "/var/lib/nbd-csi/store.db", "the controller's store file")
+	var sf storeFlags
+	sf.register(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parseFlags(fs, args, "exports [--json] [--store PATH]"); err != nil {
+	if err := parseFlags(fs, args, "exports [--json] [--store embedded|kubernetes] [--store-path PATH] [--kubeconfig PATH]"); err != nil {
 		return err
 	}
-	st, err := store.OpenBoltReadOnly(*path)
+	st, err := sf.open(ctx, true)
 	if err != nil {
 		return err
 	}

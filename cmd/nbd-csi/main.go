@@ -8,7 +8,7 @@
 //	nbd-csi attach [flags] URI               attach an export to /dev/nbdN
 //	nbd-csi detach DEVICE|--id ID            detach a device
 //	nbd-csi devices [--json]                 list nbd devices
-//	nbd-csi exports [--json] [--store PATH]  the controller's inventory
+//	nbd-csi exports [--json] [--store-path PATH]  the controller's inventory
 //	nbd-csi version                          print the version
 //
 // See docs/cli.md for every flag and the JSON field names.

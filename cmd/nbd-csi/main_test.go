@@ -125,7 +125,7 @@ func TestCLIExports(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Close()
-	code, out, errOut := runCLI(t, "exports", "--json", "--store", path)
+	code, out, errOut := runCLI(t, "exports", "--json", "--store-path", path)
 	if code != 0 {
 		t.Fatalf("exports: %d %s", code, errOut)
 	}
@@ -137,7 +137,7 @@ func TestCLIExports(t *testing.T) {
 		got[1].Phase != "Available" || !cmp.Equal(got[1].Flags, []string{"read-only"}) {
 		t.Errorf("exports --json = %+v", got)
 	}
-	if code, out, _ := runCLI(t, "exports", "--store", path); code != 0 || !strings.Contains(out, "Bound") {
+	if code, out, _ := runCLI(t, "exports", "--store-path", path); code != 0 || !strings.Contains(out, "Bound") {
 		t.Errorf("exports table (exit %d):\n%s", code, out)
 	}
 }

@@ -5,6 +5,7 @@ package nbd
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -139,6 +140,12 @@ func ParseURI(s string) (*URI, error) {
 	out.Host = u.Hostname()
 	if out.Host == "" {
 		return nil, fmt.Errorf("%w: %q has no host", ErrBadURI, s)
+	}
+	if strings.Contains(out.Host, ":") {
+		// Only a bracketed IPv6 address may hold colons.
+		if _, err := netip.ParseAddr(out.Host); err != nil || !strings.HasPrefix(u.Host, "[") {
+			return nil, fmt.Errorf("%w: host %q: an IPv6 address goes in brackets, e.g. nbd://[::1]:10809", ErrBadURI, u.Host)
+		}
 	}
 	out.Port = nbdproto.DefaultPort
 	if p := u.Port(); p != "" {

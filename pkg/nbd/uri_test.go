@@ -73,6 +73,9 @@ func TestParseURI(t *testing.T) {
 		{"nul in export", "nbd://h/a%00b", "NUL"},
 		{"long export", "nbd://h/" + long, "4097 bytes"},
 		{"opaque", "nbd:h/e", "want nbd://"},
+		{"bare ipv6", "nbds://::", "in brackets"},
+		{"bare ipv6 with port", "nbd://::1:10809/e", "in brackets"},
+		{"bracketed non-address", "nbd://[a:b]/e", "invalid host"},
 	}
 	for _, tt := range bad {
 		t.Run("bad/"+tt.name, func(t *testing.T) {
