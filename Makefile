@@ -59,14 +59,15 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	hack/verify-license.sh
 
-## verify: everything `make test` checks before running tests (incl. deploy/ rendered from the chart)
+## verify: everything `make test` checks before running tests (incl. CRDs and deploy/ up to date)
 verify: lint
 	$(GO) mod verify >/dev/null
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum not tidy: run 'go mod tidy'"; exit 1; }
 	hack/verify-deploy.sh
 
-## generate: render deploy/kubernetes from the Helm chart
+## generate: CRDs from pkg/apis (controller-gen), then deploy/kubernetes from the Helm chart
 generate:
+	hack/generate-crds.sh
 	hack/generate-deploy.sh
 
 ## image: the container image (needs a Docker engine)

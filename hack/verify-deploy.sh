@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Fails when deploy/kubernetes is not what the chart renders (run
-# `make generate` to refresh it).
+# Fails when the CRDs are not what the Go types generate, or deploy/kubernetes
+# is not what the chart renders (run `make generate` to refresh both).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+hack/generate-crds.sh "$tmp/crds"
+if ! diff -ru charts/nbd-csi/crds "$tmp/crds"; then
+	echo "charts/nbd-csi/crds is stale: run 'make generate'" >&2
+	exit 1
+fi
 hack/generate-deploy.sh "$tmp"
 if ! diff -u deploy/kubernetes/nbd-csi.yaml "$tmp/nbd-csi.yaml"; then
 	echo "deploy/kubernetes is stale: run 'make generate'" >&2

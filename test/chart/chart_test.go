@@ -6,6 +6,7 @@ package chart
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,7 +41,7 @@ type object = map[string]any
 func render(t *testing.T, values ...string) map[string]object {
 	t.Helper()
 	bin, chart := helm(t)
-	args := []string{"template", "nbd-csi", chart, "--namespace", "kube-system"}
+	args := []string{"template", "nbd-csi", chart, "--namespace", "kube-system", "--include-crds"}
 	for _, v := range values {
 		args = append(args, "-f", filepath.Join("testdata", v))
 	}
@@ -136,6 +137,35 @@ func TestChartDefaults(t *testing.T) {
 	if get(ctrl, "securityContext", "privileged") == true {
 		t.Error("controller is privileged")
 	}
+	// The default store is the Kubernetes one: CRDs shipped, several
+	// replicas, leader election, RBAC for the custom resources, no volume.
+	args := strings.Join(toStrings(ctrl["args"]), " ")
+	if !strings.Contains(args, "--store=kubernetes") || !strings.Contains(args, "--leader-election") {
+		t.Errorf("controller args %q: want the kubernetes store with leader election", args)
+	}
+	if r := get(dep, "spec", "replicas"); r != 2.0 && r != 2 {
+		t.Errorf("controller replicas = %v, want 2", r)
+	}
+	for _, crd := range []string{"nbdexports.nbd-csi.io", "nbdvolumes.nbd-csi.io"} {
+		if _, ok := objs["CustomResourceDefinition/"+crd]; !ok {
+			t.Errorf("CRD %s not shipped", crd)
+		}
+	}
+	rbacOK := false
+	for _, r := range get(objs["ClusterRole/nbd-csi-controller"], "rules").([]any) {
+		rule := r.(map[string]any)
+		if strings.Contains(fmt.Sprint(rule["resources"]), "nbdexports") && strings.Contains(fmt.Sprint(rule["verbs"]), "update") {
+			rbacOK = true
+		}
+	}
+	if !rbacOK {
+		t.Error("controller ClusterRole cannot update nbdexports")
+	}
+	for _, v := range get(dep, "spec", "template", "spec", "volumes").([]any) {
+		if v.(map[string]any)["name"] == "store" {
+			t.Error("kubernetes store still mounts a store volume")
+		}
+	}
 	for key, o := range objs {
 		for _, kind := range []string{"Deployment/", "DaemonSet/"} {
 			if !strings.HasPrefix(key, kind) {
@@ -194,6 +224,13 @@ func TestChartCustomValues(t *testing.T) {
 	}
 	if _, ok := objs["PersistentVolumeClaim/nbd-csi-controller-store"]; !ok {
 		t.Error("store.type pvc made no PVC")
+	}
+	ctrl := container(t, objs["Deployment/nbd-csi-controller"], "nbd-csi")
+	if args := strings.Join(toStrings(ctrl["args"]), " "); !strings.Contains(args, "--store=embedded") || strings.Contains(args, "--leader-election") {
+		t.Errorf("pvc store args %q", args)
+	}
+	if get(objs["Deployment/nbd-csi-controller"], "spec", "strategy", "type") != "Recreate" {
+		t.Error("embedded store without Recreate strategy")
 	}
 }
 
