@@ -14,7 +14,7 @@ FUZZ_TARGETS := \
 	./pkg/nbd:FuzzReplies \
 	./pkg/nbd:FuzzDecodeInfo
 
-.PHONY: all build test unit fuzz vm-test bench demo lint verify generate image clean
+.PHONY: all build test kube unit fuzz vm-test bench demo lint verify generate image clean
 
 all: build
 
@@ -22,10 +22,14 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/nbd-csi ./cmd/nbd-csi
 
-## test: every test — unit, interop against real NBD servers, fuzz (briefly), real kernel in the VM
-test: verify unit fuzz vm-test
+## test: every test — unit, interop against real NBD servers, the Kubernetes store on a real API server, fuzz (briefly), real kernel in the VM
+test: verify kube unit fuzz vm-test
 
-## unit: unit and interop tests on the host (real nbdkit/qemu-nbd/nbd-server); VM tests are skipped here (-short)
+## kube: build kube-apiserver from the Go module proxy into .cache/kube for the Kubernetes store's tests (once: ~8 min on 2 cores)
+kube:
+	@hack/kube-apiserver.sh >/dev/null
+
+## unit: unit and interop tests on the host (real nbdkit/qemu-nbd/nbd-server, etcd + kube-apiserver when built); VM tests are skipped here (-short)
 unit:
 	$(GO) test -race -short -count=1 ./...
 

@@ -340,7 +340,9 @@ func (c *Cluster) Stop() {
 // it skip (Need), unless RequireEnv is set.
 func Main(m *testing.M, c **Cluster) int {
 	root, err := Root()
-	if err == nil {
+	if err != nil {
+		err = fmt.Errorf("%w: %v", ErrMissing, err) // e.g. inside the VM rig
+	} else {
 		*c, err = Start(filepath.Join(root, "charts/nbd-csi/crds"))
 	}
 	if err != nil {
@@ -365,4 +367,22 @@ func Need(t testing.TB, c *Cluster) {
 	if c == nil {
 		t.Skip("no Kubernetes API server: " + skipReason)
 	}
+}
+
+// WriteKubeconfig writes an admin kubeconfig for the cluster to path.
+func (c *Cluster) WriteKubeconfig(path string) error {
+	cfg := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {server: %q, insecure-skip-tls-verify: true}
+users:
+- name: admin
+  user: {token: %q}
+contexts:
+- name: test
+  context: {cluster: test, user: admin}
+current-context: test
+`, c.host, AdminToken)
+	return os.WriteFile(path, []byte(cfg), 0o600)
 }

@@ -20,12 +20,14 @@ import (
 
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 
+	"github.com/nbd-csi/nbd-csi/internal/kubetest"
 	"github.com/nbd-csi/nbd-csi/internal/servers"
 	"github.com/nbd-csi/nbd-csi/pkg/attach"
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"github.com/nbd-csi/nbd-csi/pkg/driver/drivertest"
 	"github.com/nbd-csi/nbd-csi/pkg/store"
+	"github.com/nbd-csi/nbd-csi/pkg/store/kubestore"
 )
 
 // kernelAvailable reports whether the real node can attach here.
@@ -82,16 +84,34 @@ func runSanity(t *testing.T, endpoint, kubelet string, srv *servers.Server) {
 	sanity.Test(t, cfg)
 }
 
-// TestSanity runs the driver in-process.
+var cluster *kubetest.Cluster
+
+func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, &cluster)) }
+
+// TestSanity runs the driver in-process with the embedded store.
 func TestSanity(t *testing.T) {
 	root := t.TempDir()
-	srv := startPool(t, root)
-
 	st, err := store.OpenBolt(filepath.Join(root, "store.db"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
+	sanityInProcess(t, root, st)
+}
+
+// TestSanityKubeStore runs the driver in-process with the Kubernetes store
+// on a real kube-apiserver.
+func TestSanityKubeStore(t *testing.T) {
+	kubetest.Need(t, cluster)
+	st, err := kubestore.New(cluster.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sanityInProcess(t, t.TempDir(), st)
+}
+
+func sanityInProcess(t *testing.T, root string, st store.Store) {
+	srv := startPool(t, root)
 	ctrl := driver.NewControllerService(driver.ControllerOptions{ScanMaxAge: time.Second}, st, driver.NBDDiscoverer{})
 
 	kubelet := filepath.Join(root, "kubelet")

@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	coordinationv1 "k8s.io/client-go/kubernetes/typed/coordination/v1"
+
+	"github.com/nbd-csi/nbd-csi/internal/kubetest"
+	"github.com/nbd-csi/nbd-csi/internal/servers"
+)
+
+var cluster *kubetest.Cluster
+
+func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, &cluster)) }
+
+// TestServeKubeStore runs `nbd-csi serve --mode=controller --store=kubernetes
+// --leader-election` against a real kube-apiserver and a real nbdkit pool:
+// provision, fence, and read the inventory back with `nbd-csi exports`.
+func TestServeKubeStore(t *testing.T) {
+	kubetest.Need(t, cluster)
+	dir := t.TempDir()
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := cluster.WriteKubeconfig(kubeconfig); err != nil {
+		t.Fatal(err)
+	}
+	pool := filepath.Join(dir, "pool")
+	os.Mkdir(pool, 0o755)
+	for i, size := range []int64{64 << 20, 128 << 20} {
+		f, err := os.Create(filepath.Join(pool, "disk"+string(rune('a'+i))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Truncate(size)
+		f.Close()
+	}
+	srv := servers.Nbdkit(t, servers.Unix, "file", "dir="+pool)
+
+	sock := filepath.Join(dir, "csi.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	go func() {
+		var out, errb strings.Builder
+		code := run(ctx, []string{"serve", "--mode=controller", "--endpoint=unix://" + sock, "--store=kubernetes",
+			"--kubeconfig=" + kubeconfig, "--leader-election", "--leader-election-namespace=default", "--scan-interval=1s"}, &out, &errb)
+		if code != 0 {
+			t.Logf("serve: exit %d: %s", code, errb.String())
+		}
+		done <- code
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i > 400 {
+			t.Fatal("serve did not create its socket")
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctrl := csi.NewControllerClient(conn)
+	cctx, ccancel := context.WithTimeout(ctx, time.Minute)
+	defer ccancel()
+	mount := []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}}
+	vol, err := ctrl.CreateVolume(cctx, &csi.CreateVolumeRequest{Name: "pvc-kube", VolumeCapabilities: mount,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 100 << 20}, Parameters: map[string]string{"server": srv.URI("")}})
+	if err != nil {
+		t.Fatalf("CreateVolume: %v", err)
+	}
+	if vol.Volume.CapacityBytes != 128<<20 {
+		t.Errorf("capacity %d, want the 128 MiB export", vol.Volume.CapacityBytes)
+	}
+	pub := func(node string) error {
+		_, err := ctrl.ControllerPublishVolume(cctx, &csi.ControllerPublishVolumeRequest{VolumeId: vol.Volume.VolumeId, NodeId: node,
+			VolumeCapability: mount[0], VolumeContext: vol.Volume.VolumeContext})
+		return err
+	}
+	if err := pub("node-a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := pub("node-b"); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "node-a") {
+		t.Errorf("second writer: %v, want FailedPrecondition naming node-a", err)
+	}
+
+	code, out, errOut := runCLI(t, "exports", "--json", "--store=kubernetes", "--kubeconfig="+kubeconfig)
+	var got []ExportOutput
+	if code != 0 || json.Unmarshal([]byte(out), &got) != nil {
+		t.Fatalf("exports: exit %d: %s %s", code, out, errOut)
+	}
+	phases := map[string]string{}
+	for _, e := range got {
+		phases[e.Export] = e.Phase
+		if e.Export == "diskb" && (e.VolumeName != "pvc-kube" || len(e.Nodes) != 1 || e.Nodes[0] != "node-a") {
+			t.Errorf("diskb: %+v", e)
+		}
+	}
+	if phases["diska"] != "Available" || phases["diskb"] != "Bound" {
+		t.Errorf("phases %v", phases)
+	}
+
+	// The controller took the Lease for its background scans.
+	lc, err := coordinationv1.NewForConfig(cluster.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		l, err := lc.Leases("default").Get(cctx, "nbd-csi-nbd-csi-io-controller", metav1.GetOptions{})
+		if err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity != "" {
+			break
+		}
+		if i > 100 {
+			t.Fatalf("no leader lease: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	if _, err := ctrl.ControllerUnpublishVolume(cctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: vol.Volume.VolumeId, NodeId: "node-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ctrl.DeleteVolume(cctx, &csi.DeleteVolumeRequest{VolumeId: vol.Volume.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	code, out, _ = runCLI(t, "exports", "--store=kubernetes", "--kubeconfig="+kubeconfig)
+	if code != 0 || strings.Contains(out, "Bound") {
+		t.Errorf("after delete (exit %d):\n%s", code, out)
+	}
+}
+
+// TestStoreFlagErrors: a bad --store or a kubernetes store without a
+// cluster is a clear error, not a hang.
+func TestStoreFlagErrors(t *testing.T) {
+	code, _, errOut := runCLI(t, "exports", "--store=etcd")
+	if code == 0 || !strings.Contains(errOut, "want embedded or kubernetes") {
+		t.Errorf("--store=etcd: exit %d, %q", code, errOut)
+	}
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	t.Setenv("KUBECONFIG", "")
+	code, _, errOut = runCLI(t, "exports", "--store=kubernetes")
+	if code == 0 || !strings.Contains(errOut, "not in a pod") {
+		t.Errorf("--store=kubernetes outside a cluster: exit %d, %q", code, errOut)
+	}
+}
