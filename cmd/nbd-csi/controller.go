@@ -11,13 +11,10 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	coordinationv1 "k8s.io/client-go/kubernetes/typed/coordination/v1"
-	"k8s.io/client-go/tools/leaderelection"
-	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/klog/v2"
 
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/store/kubestore"
 )
 
 // controllerFlags configure the controller service.
@@ -68,10 +65,6 @@ func (f controllerFlags) runLeaderElection(ctx context.Context, driverName strin
 	if err != nil {
 		return err
 	}
-	client, err := coordinationv1.NewForConfig(cfg)
-	if err != nil {
-		return err
-	}
 	ns := f.leaderNS
 	if ns == "" {
 		ns = os.Getenv("POD_NAMESPACE")
@@ -85,28 +78,10 @@ func (f controllerFlags) runLeaderElection(ctx context.Context, driverName strin
 			return err
 		}
 	}
-	lock := &resourcelock.LeaseLock{
-		LeaseMeta:  metav1.ObjectMeta{Namespace: ns, Name: strings.ReplaceAll(driverName, ".", "-") + "-controller"},
-		Client:     client,
-		LockConfig: resourcelock.ResourceLockConfig{Identity: id},
-	}
-	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
-		Lock: lock, LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second,
-		ReleaseOnCancel: true, Name: lock.LeaseMeta.Name,
-		Callbacks: leaderelection.LeaderCallbacks{
-			OnStartedLeading: func(c context.Context) {
-				klog.InfoS("Leading: running background scans", "lease", ns+"/"+lock.LeaseMeta.Name, "identity", id)
-				lead(c)
-			},
-			OnStoppedLeading: func() { klog.InfoS("No longer leading", "identity", id) },
-		},
-	})
-	if err != nil {
-		return err
-	}
+	e := kubestore.Election{Namespace: ns, Name: strings.ReplaceAll(driverName, ".", "-") + "-controller", Identity: id}
 	go func() {
-		for ctx.Err() == nil {
-			le.Run(ctx)
+		if err := kubestore.RunElection(ctx, cfg, e, lead); err != nil {
+			klog.ErrorS(err, "Leader election failed; background scans do not run")
 		}
 	}()
 	return nil

@@ -17,7 +17,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	coordinationv1 "k8s.io/client-go/kubernetes/typed/coordination/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 
 	"github.com/nbd-csi/nbd-csi/internal/kubetest"
 	"github.com/nbd-csi/nbd-csi/internal/servers"
@@ -118,13 +120,14 @@ func TestServeKubeStore(t *testing.T) {
 	}
 
 	// The controller took the Lease for its background scans.
-	lc, err := coordinationv1.NewForConfig(cluster.Config())
+	dc, err := dynamic.NewForConfig(cluster.Config())
 	if err != nil {
 		t.Fatal(err)
 	}
+	leases := dc.Resource(schema.GroupVersionResource{Group: "coordination.k8s.io", Version: "v1", Resource: "leases"}).Namespace("default")
 	for i := 0; ; i++ {
-		l, err := lc.Leases("default").Get(cctx, "nbd-csi-nbd-csi-io-controller", metav1.GetOptions{})
-		if err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity != "" {
+		l, err := leases.Get(cctx, "nbd-csi-nbd-csi-io-controller", metav1.GetOptions{})
+		if holder, _, _ := unstructured.NestedString(l.UnstructuredContent(), "spec", "holderIdentity"); err == nil && holder != "" {
 			break
 		}
 		if i > 100 {

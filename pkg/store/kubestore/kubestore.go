@@ -225,6 +225,16 @@ func setSpec(o *api.NBDExport, l *store.Export) bool {
 	return true
 }
 
+// setPhase sets an export's phase and the label mirroring it (claims list
+// only Available exports).
+func setPhase(o *api.NBDExport, p store.Phase) {
+	o.Status.Phase = string(p)
+	if o.Labels == nil {
+		o.Labels = map[string]string{}
+	}
+	o.Labels[api.LabelPhase] = string(p)
+}
+
 // SyncExports implements store.Store.
 func (s *Store) SyncExports(server string, listed []store.Export, now time.Time) error {
 	c, cancel := ctx()
@@ -248,8 +258,9 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 			o = &api.NBDExport{
 				ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{api.LabelServer: serverLabel(server)}},
 				Spec:       api.NBDExportSpec{Server: server, Export: l.Name},
-				Status:     api.NBDExportStatus{Phase: string(store.PhaseAvailable), SeenAt: seenAt},
+				Status:     api.NBDExportStatus{SeenAt: seenAt},
 			}
+			setPhase(o, store.PhaseAvailable)
 			setSpec(o, l)
 			_, err := create[api.NBDExport](c, s.exports, o)
 			if err == nil {
@@ -263,9 +274,9 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 		_, err := modify[api.NBDExport](c, s.exports, name, o, func(o *api.NBDExport) (bool, error) {
 			changed := setSpec(o, l)
 			if o.Status.Phase == string(store.PhaseMissing) {
-				o.Status.Phase = string(store.PhaseAvailable)
+				setPhase(o, store.PhaseAvailable)
 				if o.Status.VolumeID != "" {
-					o.Status.Phase = string(store.PhaseBound)
+					setPhase(o, store.PhaseBound)
 				}
 				changed = true
 			}
@@ -287,7 +298,7 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 			if o.Status.Phase == string(store.PhaseMissing) {
 				return false, nil
 			}
-			o.Status.Phase = string(store.PhaseMissing)
+			setPhase(o, store.PhaseMissing)
 			return true, nil
 		})
 		if err != nil && !apierrors.IsNotFound(err) {
@@ -299,11 +310,15 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 
 // listExports lists one server's exports ("" for all), read from the API
 // server (not a cache: claims decide on it).
-func (s *Store) listExports(c context.Context, server string) ([]*api.NBDExport, error) {
-	opts := metav1.ListOptions{}
+func (s *Store) listExports(c context.Context, server string, phase ...store.Phase) ([]*api.NBDExport, error) {
+	var sel []string
 	if server != "" {
-		opts.LabelSelector = api.LabelServer + "=" + serverLabel(server)
+		sel = append(sel, api.LabelServer+"="+serverLabel(server))
 	}
+	for _, p := range phase {
+		sel = append(sel, api.LabelPhase+"="+string(p))
+	}
+	opts := metav1.ListOptions{LabelSelector: strings.Join(sel, ",")}
 	var out []*api.NBDExport
 	for {
 		l, err := s.exports.List(c, opts)
@@ -385,7 +400,7 @@ func (s *Store) Claim(req store.ClaimRequest) (*store.Export, error) {
 // choose picks the smallest available fitting export of the request's
 // server (ties by name), or says why there is none.
 func (s *Store) choose(c context.Context, req store.ClaimRequest) (*api.NBDExport, error) {
-	all, err := s.listExports(c, req.Server)
+	all, err := s.listExports(c, req.Server, store.PhaseAvailable)
 	if err != nil {
 		return nil, err
 	}
@@ -430,7 +445,8 @@ func (s *Store) bind(c context.Context, vol *api.NBDVolume, req store.ClaimReque
 		return &e, true, nil
 	}
 	if err == nil && o.Status.Phase == string(store.PhaseAvailable) {
-		o.Status.Phase, o.Status.VolumeName, o.Status.VolumeID, o.Status.Wipe = string(store.PhaseBound), req.VolumeName, req.VolumeID, req.Wipe
+		setPhase(o, store.PhaseBound)
+		o.Status.VolumeName, o.Status.VolumeID, o.Status.Wipe = req.VolumeName, req.VolumeID, req.Wipe
 		o.Status.VolumeContext = nil
 		if req.VolumeContext != nil {
 			o.Status.VolumeContext = req.VolumeContext(o.Spec.Export)
@@ -474,7 +490,7 @@ func (s *Store) Release(volumeID string) (*store.Export, error) {
 			released := toStore(o)
 			out = &released
 			if o.Status.Phase == string(store.PhaseBound) {
-				o.Status.Phase = string(store.PhaseAvailable)
+				setPhase(o, store.PhaseAvailable)
 			}
 			o.Status.VolumeName, o.Status.VolumeID, o.Status.VolumeContext, o.Status.Wipe, o.Status.Nodes = "", "", nil, false, ""
 			return true, nil

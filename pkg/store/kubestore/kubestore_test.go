@@ -7,11 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 
@@ -27,7 +29,7 @@ var cluster *kubetest.Cluster
 func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, &cluster)) }
 
 // reset deletes every object the store made, so each test starts empty.
-func reset(t *testing.T) {
+func reset(t testing.TB) {
 	t.Helper()
 	dc, err := dynamic.NewForConfig(cluster.Config())
 	if err != nil {
@@ -43,7 +45,7 @@ func reset(t *testing.T) {
 	}
 }
 
-func open(t *testing.T) *kubestore.Store {
+func open(t testing.TB) *kubestore.Store {
 	t.Helper()
 	s, err := kubestore.New(cluster.Config())
 	if err != nil {
@@ -213,4 +215,132 @@ type renamed struct{ dynamic.Interface }
 func (r renamed) Resource(g schema.GroupVersionResource) dynamic.NamespaceableResourceInterface {
 	g.Group = "absent.nbd-csi.io"
 	return r.Interface.Resource(g)
+}
+
+// BenchmarkKubeClaimRelease measures a claim and its release (what
+// CreateVolume and DeleteVolume do to the store) on a real API server, for
+// pools of several sizes.
+func BenchmarkKubeClaimRelease(b *testing.B) {
+	if cluster == nil {
+		b.Skip("no Kubernetes API server")
+	}
+	for _, n := range []int{10, 1000} {
+		b.Run(fmt.Sprintf("pool=%d", n), func(b *testing.B) {
+			reset(b)
+			s := open(b)
+			const srv = "nbd://bench.example"
+			listed := make([]store.Export, n)
+			for i := range listed {
+				listed[i] = store.Export{Name: fmt.Sprintf("e%05d", i), Size: uint64(1+i%7) << 30}
+			}
+			if err := s.SyncExports(srv, listed, time.Now()); err != nil {
+				b.Fatal(err)
+			}
+			lat := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for i := range b.N {
+				start := time.Now()
+				id := fmt.Sprintf("nbdv-bench-%d", i)
+				if _, err := s.Claim(store.ClaimRequest{VolumeName: id, VolumeID: id, Server: srv, MinSize: 3 << 30}); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := s.Release(id); err != nil {
+					b.Fatal(err)
+				}
+				lat = append(lat, time.Since(start))
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+		})
+	}
+}
+
+// TestKubeLeaderElection: of two campaigners one leads; when it stops, the
+// other takes over at once (the lease is released); a lease whose holder
+// vanished without releasing is taken after its duration.
+func TestKubeLeaderElection(t *testing.T) {
+	kubetest.Need(t, cluster)
+	e := kubestore.Election{Namespace: "default", Name: "test-election", LeaseDuration: 2 * time.Second, RetryPeriod: 100 * time.Millisecond}
+	var mu sync.Mutex
+	leaders := map[string]bool{}
+	campaign := func(ctx context.Context, id string) chan struct{} {
+		done := make(chan struct{})
+		el := e
+		el.Identity = id
+		go func() {
+			defer close(done)
+			kubestore.RunElection(ctx, cluster.Config(), el, func(lctx context.Context) {
+				mu.Lock()
+				leaders[id] = true
+				mu.Unlock()
+				<-lctx.Done()
+				mu.Lock()
+				delete(leaders, id)
+				mu.Unlock()
+			})
+		}()
+		return done
+	}
+	current := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		var out []string
+		for id := range leaders {
+			out = append(out, id)
+		}
+		return out
+	}
+	waitFor := func(want string, within time.Duration) {
+		t.Helper()
+		deadline := time.Now().Add(within)
+		for time.Now().Before(deadline) {
+			if l := current(); len(l) == 1 && l[0] == want {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Fatalf("leaders %v, want only %s within %v", current(), want, within)
+	}
+	ctxA, stopA := context.WithCancel(context.Background())
+	doneA := campaign(ctxA, "a")
+	waitFor("a", 5*time.Second)
+	ctxB, stopB := context.WithCancel(context.Background())
+	doneB := campaign(ctxB, "b")
+	time.Sleep(time.Second)
+	if l := current(); len(l) != 1 || l[0] != "a" {
+		t.Fatalf("leaders %v with two campaigners", l)
+	}
+	start := time.Now()
+	stopA()
+	<-doneA
+	waitFor("b", time.Second) // released: no need to wait out the lease
+	t.Logf("takeover after release: %v", time.Since(start))
+	stopB()
+	<-doneB
+
+	// A holder that vanished without releasing: taken after LeaseDuration.
+	dc, _ := dynamic.NewForConfig(cluster.Config())
+	leases := dc.Resource(schema.GroupVersionResource{Group: "coordination.k8s.io", Version: "v1", Resource: "leases"}).Namespace("default")
+	l, err := leases.Get(context.Background(), e.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unstructured.SetNestedField(l.Object, "ghost", "spec", "holderIdentity")
+	unstructured.SetNestedField(l.Object, int64(2), "spec", "leaseDurationSeconds")
+	if _, err := leases.Update(context.Background(), l, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ctxC, stopC := context.WithCancel(context.Background())
+	defer stopC()
+	start = time.Now()
+	campaign(ctxC, "c")
+	time.Sleep(time.Second)
+	if len(current()) != 0 {
+		t.Fatalf("took a live-looking lease after 1s: %v", current())
+	}
+	waitFor("c", 5*time.Second)
+	if d := time.Since(start); d < e.LeaseDuration {
+		t.Errorf("took over after %v, before the lease expired", d)
+	}
 }
