@@ -52,6 +52,8 @@ type Store struct {
 	// claim serializes this process's claims; other processes are kept
 	// apart by resourceVersion preconditions alone.
 	claim sync.Mutex
+	// cache proposes claim candidates and answers listings (nil: none).
+	cache *exportCache
 }
 
 var _ store.Store = (*Store)(nil)
@@ -67,11 +69,16 @@ func New(cfg *rest.Config) (*Store, error) {
 
 // NewForClient returns a store using c.
 func NewForClient(c dynamic.Interface) *Store {
-	return &Store{exports: c.Resource(api.NBDExportResource), volumes: c.Resource(api.NBDVolumeResource)}
+	s := &Store{exports: c.Resource(api.NBDExportResource), volumes: c.Resource(api.NBDVolumeResource)}
+	s.cache = newExportCache(s.exports)
+	return s
 }
 
-// Close implements store.Store; there is nothing to release.
-func (s *Store) Close() error { return nil }
+// Close implements store.Store: it stops the watch.
+func (s *Store) Close() error {
+	s.cache.close()
+	return nil
+}
 
 // hash returns n hex digits of the SHA-256 of the parts joined by NUL.
 func hash(n int, parts ...string) string {
@@ -201,6 +208,32 @@ func modify[T any](c context.Context, ri dynamic.ResourceInterface, name string,
 	return nil, fmt.Errorf("%s: still conflicting after %d attempts", name, maxAttempts)
 }
 
+// The NBDExport operations also feed what they see to the cache.
+
+func (s *Store) seen(o *api.NBDExport, err error) (*api.NBDExport, error) {
+	if err == nil && o != nil {
+		cp := *o
+		s.cache.remember(&cp)
+	}
+	return o, err
+}
+
+func (s *Store) getExport(c context.Context, name string) (*api.NBDExport, error) {
+	return s.seen(get[api.NBDExport](c, s.exports, name))
+}
+
+func (s *Store) createExport(c context.Context, o *api.NBDExport) (*api.NBDExport, error) {
+	return s.seen(create[api.NBDExport](c, s.exports, o))
+}
+
+func (s *Store) updateExport(c context.Context, o *api.NBDExport) (*api.NBDExport, error) {
+	return s.seen(update[api.NBDExport](c, s.exports, o))
+}
+
+func (s *Store) modifyExport(c context.Context, name string, o *api.NBDExport, fn func(*api.NBDExport) (bool, error)) (*api.NBDExport, error) {
+	return s.seen(modify[api.NBDExport](c, s.exports, name, o, fn))
+}
+
 func toStore(o *api.NBDExport) store.Export {
 	e := store.Export{
 		Server: o.Spec.Server, Name: o.Spec.Export, Description: o.Spec.Description,
@@ -262,7 +295,7 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 			}
 			setPhase(o, store.PhaseAvailable)
 			setSpec(o, l)
-			_, err := create[api.NBDExport](c, s.exports, o)
+			_, err := s.createExport(c, o)
 			if err == nil {
 				continue
 			}
@@ -271,7 +304,7 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 			}
 			o = nil // another scan created it: update it below
 		}
-		_, err := modify[api.NBDExport](c, s.exports, name, o, func(o *api.NBDExport) (bool, error) {
+		_, err := s.modifyExport(c, name, o, func(o *api.NBDExport) (bool, error) {
 			changed := setSpec(o, l)
 			if o.Status.Phase == string(store.PhaseMissing) {
 				setPhase(o, store.PhaseAvailable)
@@ -294,7 +327,7 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 		if listedNames[o.Spec.Export] {
 			continue
 		}
-		_, err := modify[api.NBDExport](c, s.exports, o.Name, o, func(o *api.NBDExport) (bool, error) {
+		_, err := s.modifyExport(c, o.Name, o, func(o *api.NBDExport) (bool, error) {
 			if o.Status.Phase == string(store.PhaseMissing) {
 				return false, nil
 			}
@@ -308,9 +341,19 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 	return nil
 }
 
-// listExports lists one server's exports ("" for all), read from the API
-// server (not a cache: claims decide on it).
+// listExports lists one server's exports ("" for all), in one of phase if
+// given: from the watch cache once it has synced, else from the API server.
+// Callers only use the result to propose; decisions re-read the object.
 func (s *Store) listExports(c context.Context, server string, phase ...store.Phase) ([]*api.NBDExport, error) {
+	if len(phase) <= 1 {
+		p := ""
+		if len(phase) == 1 {
+			p = string(phase[0])
+		}
+		if out, ok := s.cache.list(server, p); ok {
+			return out, nil
+		}
+	}
 	var sel []string
 	if server != "" {
 		sel = append(sel, api.LabelServer+"="+serverLabel(server))
@@ -433,7 +476,7 @@ func (s *Store) choose(c context.Context, req store.ClaimRequest) (*api.NBDExpor
 // is false when the choice was lost to another volume (the choice is then
 // dropped, and the caller chooses again).
 func (s *Store) bind(c context.Context, vol *api.NBDVolume, req store.ClaimRequest) (*store.Export, bool, error) {
-	o, err := get[api.NBDExport](c, s.exports, vol.Spec.ExportObject)
+	o, err := s.getExport(c, vol.Spec.ExportObject)
 	if err != nil && !apierrors.IsNotFound(err) {
 		return nil, false, err
 	}
@@ -451,7 +494,7 @@ func (s *Store) bind(c context.Context, vol *api.NBDVolume, req store.ClaimReque
 		if req.VolumeContext != nil {
 			o.Status.VolumeContext = req.VolumeContext(o.Spec.Export)
 		}
-		o, err = update[api.NBDExport](c, s.exports, o)
+		o, err = s.updateExport(c, o)
 		if err == nil {
 			e := toStore(o)
 			return &e, true, nil
@@ -483,7 +526,7 @@ func (s *Store) Release(volumeID string) (*store.Export, error) {
 	}
 	var out *store.Export
 	if vol.Spec.ExportObject != "" {
-		_, err := modify[api.NBDExport](c, s.exports, vol.Spec.ExportObject, nil, func(o *api.NBDExport) (bool, error) {
+		_, err := s.modifyExport(c, vol.Spec.ExportObject, nil, func(o *api.NBDExport) (bool, error) {
 			if o.Status.VolumeID != volumeID {
 				return false, nil
 			}
@@ -516,7 +559,7 @@ func (s *Store) Volume(volumeID string) (*store.Export, error) {
 	if err != nil {
 		return nil, err
 	}
-	o, err := get[api.NBDExport](c, s.exports, vol.Spec.ExportObject)
+	o, err := s.getExport(c, vol.Spec.ExportObject)
 	if apierrors.IsNotFound(err) || err == nil && o.Status.VolumeID != volumeID {
 		return nil, fmt.Errorf("volume %s: export record: %w", volumeID, store.ErrNotFound)
 	}
@@ -652,7 +695,7 @@ func (s *Store) showNodes(c context.Context, vol *api.NBDVolume) error {
 		nodes = append(nodes, h.Node)
 	}
 	want := strings.Join(nodes, ",")
-	_, err := modify[api.NBDExport](c, s.exports, vol.Spec.ExportObject, nil, func(o *api.NBDExport) (bool, error) {
+	_, err := s.modifyExport(c, vol.Spec.ExportObject, nil, func(o *api.NBDExport) (bool, error) {
 		if o.Status.VolumeID != vol.Spec.VolumeID || o.Status.Nodes == want {
 			return false, nil
 		}

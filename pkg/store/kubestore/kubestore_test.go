@@ -224,7 +224,7 @@ func BenchmarkKubeClaimRelease(b *testing.B) {
 	if cluster == nil {
 		b.Skip("no Kubernetes API server")
 	}
-	for _, n := range []int{10, 1000} {
+	for _, n := range []int{10, 1000, 10000} {
 		b.Run(fmt.Sprintf("pool=%d", n), func(b *testing.B) {
 			reset(b)
 			s := open(b)
