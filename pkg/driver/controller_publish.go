@@ -260,7 +260,10 @@ func (s *ControllerService) ControllerGetVolumeHealth(ctx context.Context, req *
 		bad("ExportMissing", "the server no longer lists export "+e.Name)
 	} else if u, err := nbd.ParseURI(e.VolumeContext[KeyURI]); err == nil {
 		pctx, cancel := context.WithTimeout(ctx, s.opts.ScanTimeout)
-		info, perr := s.disc.Probe(pctx, u, nil)
+		// The request carries no secrets: use the TLS material this
+		// controller was given for the server (CreateVolume); without it a
+		// TLS-only server's answer says nothing about the export.
+		info, perr := s.disc.Probe(pctx, u, s.knownTLS(e.Server))
 		cancel()
 		switch {
 		case perr != nil && !errors.Is(perr, nbd.ErrTLSRequired):
@@ -281,10 +284,19 @@ func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi
 	if err != nil {
 		return nil, err
 	}
+	tls, err := tlsFromSecrets(req.GetSecrets())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if tls == nil {
+		tls = s.knownTLS(e.Server)
+	}
 	size := e.Size
 	if u, err := nbd.ParseURI(e.VolumeContext[KeyURI]); err == nil {
-		if info, err := s.disc.Probe(ctx, u, nil); err == nil {
+		if info, err := s.disc.Probe(ctx, u, tls); err == nil {
 			size = info.Size
+		} else {
+			logger(ctx).V(2).Info("Could not ask the server for the export's size; using the recorded one", "export", e.Name, "err", err)
 		}
 	}
 	if uint64(required) > size {
@@ -292,6 +304,14 @@ func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi
 	}
 	block := req.GetVolumeCapability().GetBlock() != nil
 	return &csi.ControllerExpandVolumeResponse{CapacityBytes: int64(size), NodeExpansionRequired: !block}, nil
+}
+
+// knownTLS returns the TLS material last used for a server (from a
+// CreateVolume's provisioner secret), or nil.
+func (s *ControllerService) knownTLS(server string) *nbd.TLSOptions {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.servers[server].tls
 }
 
 // existingVolume returns a provisioned volume's record: InvalidArgument for

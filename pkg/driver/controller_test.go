@@ -27,6 +27,10 @@ type fakeDiscoverer struct {
 	exports []store.Export
 	err     error
 	wiped   []string
+	// tlsOnly refuses probes without TLS material, like a TLS-only server;
+	// probesWithTLS counts the probes that had it.
+	tlsOnly       bool
+	probesWithTLS int
 }
 
 func (f *fakeDiscoverer) Discover(context.Context, *nbd.URI, *nbd.TLSOptions) ([]store.Export, error) {
@@ -35,9 +39,14 @@ func (f *fakeDiscoverer) Discover(context.Context, *nbd.URI, *nbd.TLSOptions) ([
 	return append([]store.Export(nil), f.exports...), f.err
 }
 
-func (f *fakeDiscoverer) Probe(_ context.Context, u *nbd.URI, _ *nbd.TLSOptions) (*nbd.ExportInfo, error) {
+func (f *fakeDiscoverer) Probe(_ context.Context, u *nbd.URI, tls *nbd.TLSOptions) (*nbd.ExportInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if tls != nil {
+		f.probesWithTLS++
+	} else if f.tlsOnly {
+		return nil, nbd.ErrTLSRequired
+	}
 	for _, e := range f.exports {
 		if e.Name == u.Export {
 			return &nbd.ExportInfo{Name: e.Name, Size: e.Size, Flags: nbd.TransmissionFlags(e.Flags)}, nil
@@ -352,5 +361,37 @@ func TestControllerBackgroundScan(t *testing.T) {
 			t.Fatalf("inventory not refreshed in the background: %v", phases)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestControllerTLSServerProbes: expansion and health checks of a volume on
+// a TLS-only server use TLS material — the expand secret, else what
+// CreateVolume was given — and never call a TLS refusal an outage.
+func TestControllerTLSServerProbes(t *testing.T) {
+	c, d, _ := newController(t, store.Export{Name: "a", Size: 4 << 30})
+	d.tlsOnly = true
+	ctx := context.Background()
+	secrets := map[string]string{"ca.crt": "-----BEGIN CERTIFICATE-----\n"}
+	req := createReq("pvc-tls", 1<<30, nil)
+	req.Secrets = secrets
+	v, err := c.CreateVolume(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := d.probesWithTLS
+	if r, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.Volume.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 30}}); err != nil || r.CapacityBytes != 4<<30 {
+		t.Errorf("expand = %v, %v", r, err)
+	}
+	if d.probesWithTLS != before+1 {
+		t.Errorf("expand probed without the TLS material CreateVolume had")
+	}
+	if _, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.Volume.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 30}, Secrets: map[string]string{"tls.crt": "x"}}); code(err) != codes.InvalidArgument {
+		t.Errorf("expand with a certificate but no key = %v, want InvalidArgument", err)
+	}
+	h, err := c.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: v.Volume.VolumeId})
+	if err != nil || len(h.VolumeHealth.HealthStatuses) != 0 || d.probesWithTLS != before+2 {
+		t.Errorf("health = %v, %v (TLS probes %d)", h, err, d.probesWithTLS-before)
 	}
 }

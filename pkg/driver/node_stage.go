@@ -216,7 +216,7 @@ func tlsFromSecrets(sec map[string]string) (*nbd.TLSOptions, error) {
 		return nil, nil
 	}
 	if (cert == "") != (key == "") {
-		return nil, fmt.Errorf("node-stage secret: %q and %q must be given together", SecretCert, SecretKey)
+		return nil, fmt.Errorf("TLS secret: %q and %q must be given together", SecretCert, SecretKey)
 	}
 	o := &nbd.TLSOptions{}
 	if ca != "" {
