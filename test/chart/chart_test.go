@@ -216,7 +216,7 @@ func TestChartCustomValues(t *testing.T) {
 		t.Error("fast is not the default class")
 	}
 	secure := objs["StorageClass/secure"]
-	for _, k := range []string{"provisioner-secret", "node-stage-secret"} {
+	for _, k := range []string{"provisioner-secret", "node-stage-secret", "controller-expand-secret"} {
 		if get(secure, "parameters", "csi.storage.k8s.io/"+k+"-name") != "nbd-tls" ||
 			get(secure, "parameters", "csi.storage.k8s.io/"+k+"-namespace") != "storage" {
 			t.Errorf("secure %s reference: %v", k, get(secure, "parameters"))
