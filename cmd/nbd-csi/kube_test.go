@@ -5,8 +5,12 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -161,4 +165,60 @@ func TestStoreFlagErrors(t *testing.T) {
 	if code == 0 || !strings.Contains(errOut, "not in a pod") {
 		t.Errorf("--store=kubernetes outside a cluster: exit %d, %q", code, errOut)
 	}
+}
+
+// TestServeHealth: --health-address answers /healthz while serving, and
+// /readyz with 200 when the services are ready and 503 with Probe's reason
+// when they are not (here: a node whose kernel has no nbd, unless this
+// kernel has it).
+func TestServeHealth(t *testing.T) {
+	dir := t.TempDir()
+	check := func(args []string, path string, wantCode int, wantBody string) {
+		t.Helper()
+		port, err := freeTCPPort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan int, 1)
+		go func() {
+			var out, errb strings.Builder
+			done <- run(ctx, append(args, "--health-address="+addr), &out, &errb)
+		}()
+		defer func() { cancel(); <-done }()
+		var resp *http.Response
+		for i := 0; ; i++ {
+			resp, err = http.Get("http://" + addr + path)
+			if err == nil {
+				break
+			}
+			if i > 200 {
+				t.Fatalf("health endpoint: %v", err)
+			}
+			time.Sleep(25 * time.Millisecond)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != wantCode || !strings.Contains(string(body), wantBody) {
+			t.Errorf("%v: %s = %d %q, want %d containing %q", args[:2], path, resp.StatusCode, body, wantCode, wantBody)
+		}
+	}
+	ctrl := []string{"serve", "--mode=controller", "--endpoint=unix://" + filepath.Join(dir, "c.sock"), "--store-path=" + filepath.Join(dir, "store.db")}
+	check(ctrl, "/readyz", http.StatusOK, "ok")
+	if _, err := os.Stat("/sys/module/nbd"); err != nil {
+		node := []string{"serve", "--mode=node", "--endpoint=unix://" + filepath.Join(dir, "n.sock"),
+			"--kubelet-dir=" + filepath.Join(dir, "kubelet"), "--state-dir=" + filepath.Join(dir, "state"), "--skip-modprobe"}
+		check(node, "/readyz", http.StatusServiceUnavailable, "nbd")
+		check(node, "/healthz", http.StatusOK, "ok")
+	}
+}
+
+func freeTCPPort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
 }

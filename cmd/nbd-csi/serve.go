@@ -8,6 +8,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -23,6 +25,7 @@ type serveFlags struct {
 	endpoint   string
 	driverName string
 	grace      time.Duration
+	health     string
 	node       driver.NodeOptions
 	attach     attachFlags
 	controller controllerFlags
@@ -33,6 +36,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI gRPC endpoint: unix:///path or tcp://host:port")
 	fs.StringVar(&f.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name (must match the CSIDriver object)")
 	fs.DurationVar(&f.grace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for RPCs in flight (volumes stay attached)")
+	fs.StringVar(&f.health, "health-address", "", "serve HTTP on this address (e.g. :9808): GET /healthz answers 200 while the process serves; GET /readyz 200 when Probe is ready, else 503 with the reason; empty: off")
 
 	host, _ := os.Hostname()
 	if n := os.Getenv("NODE_NAME"); n != "" {
@@ -117,5 +121,45 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if f.health != "" {
+		stop, err := serveHealth(ctx, f.health, cfg.Ready)
+		if err != nil {
+			l.Close()
+			return err
+		}
+		defer stop()
+	}
 	return d.Serve(ctx, l, f.grace)
+}
+
+// serveHealth answers GET /healthz (alive) and GET /readyz (what Probe
+// says, with the reason when not ready), for kubelet's liveness and
+// readiness probes without a livenessprobe sidecar. A node whose kernel
+// cannot attach is thus not Ready, with the reason in the pod's events,
+// instead of being restarted in a loop.
+func serveHealth(ctx context.Context, addr string, ready driver.ReadyFunc) (func(), error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--health-address: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		rctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+		defer cancel()
+		if ready != nil {
+			if err := ready(rctx); err != nil {
+				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			klog.FromContext(ctx).Error(err, "Health endpoint stopped", "address", addr)
+		}
+	}()
+	return func() { srv.Close() }, nil
 }

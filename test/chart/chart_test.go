@@ -119,6 +119,11 @@ func TestChartDefaults(t *testing.T) {
 	if get(node, "securityContext", "privileged") != true {
 		t.Error("node plugin is not privileged")
 	}
+	// Readiness is Probe (a node that cannot attach is not Ready, with the
+	// reason), served by nbd-csi itself: no livenessprobe sidecar.
+	if get(node, "readinessProbe", "httpGet", "path") != "/readyz" || !strings.Contains(strings.Join(toStrings(node["args"]), " "), "--health-address=:9809") {
+		t.Errorf("node plugin probes: %v %v", node["readinessProbe"], node["args"])
+	}
 	found := false
 	for _, m := range node["volumeMounts"].([]any) {
 		mm := m.(map[string]any)
