@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# The e2e "vm" cluster provider, for hosts whose kernel has no nbd module or
+# that run no Docker: the control plane (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler) runs as processes on the host;
+# one worker node boots Debian's cloud kernel (which has nbd.ko) under QEMU
+# from a Debian root filesystem with containerd, kubelet and kube-proxy, and
+# joins over a private tap network (host 10.99.0.1, node 10.99.0.2).
+# Everything is built from Debian's apt and the Go module proxy, cached in
+# .cache/e2e; images are built locally and baked into the node.
+#
+#   test/e2e/vm/cluster.sh build    # binaries, root filesystem, images (cached)
+#   test/e2e/vm/cluster.sh up       # start the cluster; prints KUBECONFIG=…
+#   test/e2e/vm/cluster.sh sh CMD   # run CMD on the node
+#   test/e2e/vm/cluster.sh logs DIR # collect logs (host components and node)
+#   test/e2e/vm/cluster.sh down     # stop everything, remove the tap device
+#
+# Needs root (tap device, debootstrap, chroot), qemu-system-x86, debootstrap,
+# etcd-server, openssl, socat, busybox-static, cpio (.ci/run installs them).
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+ROOT=$PWD
+E2E=${E2E_CACHE:-$ROOT/.cache/e2e}
+RUN=$E2E/run
+FILES=$ROOT/test/e2e/vm/files
+TAP=${E2E_TAP:-nbdcsie2e0}
+HOST_IP=10.99.0.1
+NODE_IP=10.99.0.2
+NODE=vmnode
+APISERVER_PORT=6443
+MEM=${E2E_VM_MEM:-4096}
+CPUS=${E2E_VM_CPUS:-2}
+
+log() { echo "[vm-cluster $(date +%T)] $*" >&2; }
+die() { log "$*"; exit 1; }
+
+# ---------------------------------------------------------------- build
+
+kernel_deb() {
+	local deb
+	deb=$(ls "$ROOT"/.cache/vm/kernel/*/kernel.deb 2>/dev/null | head -n1 || true)
+	if [ -z "$deb" ]; then
+		# The test/vm rig downloads and caches the kernel package.
+		go run ./test/vm/cmd/vmrun -q -- true >/dev/null
+		deb=$(ls "$ROOT"/.cache/vm/kernel/*/kernel.deb | head -n1)
+	fi
+	echo "$deb"
+}
+
+build_rootfs() {
+	if [ -f "$E2E/rootfs.tar" ]; then return; fi
+	log "debootstrap of the node root filesystem (once, ~3 min)"
+	rm -rf "$E2E/rootfs.new"
+	debootstrap --variant=minbase \
+		--include=containerd,runc,containernetworking-plugins,iptables,iproute2,util-linux,mount,kmod,e2fsprogs,xfsprogs,procps,ca-certificates,conntrack,socat,ethtool,iputils-ping \
+		bookworm "$E2E/rootfs.new" http://deb.debian.org/debian >"$E2E/debootstrap.log" 2>&1 ||
+		die "debootstrap failed: see $E2E/debootstrap.log"
+	tar -C "$E2E/rootfs.new" -cf "$E2E/rootfs.tar.new" . && mv "$E2E/rootfs.tar.new" "$E2E/rootfs.tar"
+	rm -rf "$E2E/rootfs.new"
+}
+
+# copy_with_libs ROOTFS DEST BIN...: copies binaries of ROOTFS and the
+# shared libraries they load into DEST.
+copy_with_libs() {
+	local rootfs=$1 dest=$2
+	shift 2
+	local f lib
+	for f in "$@"; do
+		mkdir -p "$dest/$(dirname "$f")"
+		cp -aL "$rootfs/$f" "$dest/$f"
+		for lib in $(chroot "$rootfs" ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | sort -u); do
+			mkdir -p "$dest/$(dirname "$lib")"
+			[ -e "$dest/$lib" ] || cp -aL "$rootfs/$lib" "$dest/$lib"
+		done
+	done
+}
+
+mkimage() { (cd "$ROOT/test/e2e" && go run ./tools/mkimage "$@"); }
+
+build_images() {
+	local img=$E2E/images work=$E2E/imgwork
+	mkdir -p "$img"
+	rm -rf "$work"; mkdir -p "$work"
+	# pause: our own, under the name containerd asks for.
+	if [ ! -f "$img/pause.tar" ]; then
+		mkdir -p "$work/pause"
+		(cd test/e2e && CGO_ENABLED=0 go build -o "$work/pause/pause" ./images/pause)
+		mkimage -name registry.k8s.io/pause:3.10.1 -rootfs "$work/pause" -entrypoint '["/pause"]' -out "$img/pause.tar"
+	fi
+	# busybox for the test pods.
+	if [ ! -f "$img/busybox.tar" ]; then
+		mkdir -p "$work/busybox/bin" "$work/busybox/tmp"
+		cp /bin/busybox "$work/busybox/bin/busybox"
+		for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$work/busybox/bin/$a"; done
+		mkimage -name nbd-csi-e2e/busybox:1 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/busybox.tar"
+	fi
+	# registrar stand-in (the upstream image cannot be fetched here).
+	if [ ! -f "$img/registrar.tar" ]; then
+		mkdir -p "$work/registrar"
+		(cd test/e2e && CGO_ENABLED=0 go build -o "$work/registrar/registrar" ./images/registrar)
+		mkimage -name nbd-csi-e2e/registrar:local -rootfs "$work/registrar" -entrypoint '["/registrar"]' -out "$img/registrar.tar"
+	fi
+	# CSI sidecars the module proxy serves, built as their own main modules.
+	build_sidecar provisioner github.com/kubernetes-csi/external-provisioner/v5 v5.3.0 csi-provisioner
+	build_sidecar attacher github.com/kubernetes-csi/external-attacher/v4 v4.13.0 csi-attacher
+	# nbd-csi, always rebuilt (it is what is under test): the binary plus the
+	# filesystem and module tools the node plugin runs, from the node's
+	# Debian root filesystem.
+	log "nbd-csi image"
+	local rf=$E2E/rootfs-img
+	if [ ! -d "$rf/usr" ]; then mkdir -p "$rf" && tar -C "$rf" -xf "$E2E/rootfs.tar"; fi
+	mkdir -p "$work/nbd-csi/usr/local/bin" "$work/nbd-csi/tmp" "$work/nbd-csi/etc" "$work/nbd-csi/run"
+	CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=e2e" -o "$work/nbd-csi/usr/local/bin/nbd-csi" ./cmd/nbd-csi
+	copy_with_libs "$rf" "$work/nbd-csi" \
+		/usr/sbin/mkfs.ext4 /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/fsck.ext4 /usr/sbin/resize2fs /usr/sbin/dumpe2fs /usr/sbin/tune2fs \
+		/usr/sbin/mkfs.xfs /usr/sbin/xfs_repair /usr/sbin/xfs_growfs /usr/sbin/xfs_db /usr/sbin/xfs_io /usr/sbin/fsck.xfs \
+		/usr/sbin/blkid /usr/bin/mount /usr/bin/umount /usr/sbin/fsck /usr/sbin/blockdev /usr/bin/kmod
+	ln -sf /usr/bin/kmod "$work/nbd-csi/usr/sbin/modprobe"
+	[ -f "$rf/etc/mke2fs.conf" ] && cp "$rf/etc/mke2fs.conf" "$work/nbd-csi/etc/"
+	for d in bin sbin lib lib64; do [ -e "$work/nbd-csi/$d" ] || ln -s "usr/$d" "$work/nbd-csi/$d"; done
+	mkimage -name nbd-csi-e2e/nbd-csi:e2e -rootfs "$work/nbd-csi" -entrypoint '["/usr/local/bin/nbd-csi"]' -out "$img/nbd-csi.tar"
+	rm -rf "$work"
+}
+
+# build_sidecar NAME MODULE VERSION CMD: builds an upstream sidecar from the
+# module proxy into an image nbd-csi-e2e/NAME:VERSION.
+build_sidecar() {
+	local name=$1 mod=$2 ver=$3 cmd=$4 img=$E2E/images
+	[ -f "$img/$name.tar" ] && return
+	log "building $cmd $ver from the Go module proxy (once)"
+	local dir src
+	dir=$(go mod download -json "$mod@$ver" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
+	src=$E2E/src/$name
+	rm -rf "$src"; mkdir -p "$src"
+	cp -r "$dir/." "$src/"; chmod -R u+w "$src"
+	mkdir -p "$E2E/imgwork/$name"
+	(cd "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o "$E2E/imgwork/$name/$cmd" "./cmd/$cmd" >&2)
+	mkimage -name "nbd-csi-e2e/$name:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name.tar"
+}
+
+build() {
+	mkdir -p "$E2E"
+	command -v debootstrap >/dev/null || die "debootstrap missing (apt-get install debootstrap)"
+	build_rootfs
+	log "Kubernetes binaries"
+	hack/kube-build.sh kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy >/dev/null
+	build_images
+	log "built: $(ls "$E2E/images" | tr '\n' ' ')"
+}
+
+# ---------------------------------------------------------------- PKI
+
+pki() {
+	local p=$RUN/pki
+	mkdir -p "$p"
+	cd "$p"
+	openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj "/CN=nbd-csi-e2e-ca" 2>/dev/null
+	openssl genrsa -out sa.key 2048 2>/dev/null
+	openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+	cert() { # name subject sans
+		openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+		printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n%s' "${3:+subjectAltName=$3}" > "$1.ext"
+		openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 2 -extfile "$1.ext" 2>/dev/null
+	}
+	cert apiserver "/CN=kube-apiserver" "IP:$HOST_IP,IP:10.0.0.1,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost"
+	cert admin "/O=system:masters/CN=admin"
+	cert kcm "/CN=system:kube-controller-manager"
+	cert scheduler "/CN=system:kube-scheduler"
+	cert proxy "/CN=system:kube-proxy"
+	cert node "/O=system:nodes/CN=system:node:$NODE"
+	cert kubelet "/CN=$NODE" "IP:$NODE_IP,DNS:$NODE"
+	for who in admin kcm scheduler proxy node; do
+		kubeconfig "$who" > "$who.kubeconfig"
+	done
+	cd "$ROOT"
+}
+
+kubeconfig() {
+	local p=$RUN/pki
+	cat <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster:
+    server: https://$HOST_IP:$APISERVER_PORT
+    certificate-authority-data: $(base64 -w0 < "$p/ca.crt")
+users:
+- name: $1
+  user:
+    client-certificate-data: $(base64 -w0 < "$p/$1.crt")
+    client-key-data: $(base64 -w0 < "$p/$1.key")
+contexts:
+- name: e2e
+  context: {cluster: e2e, user: $1}
+current-context: e2e
+EOF
+}
+
+# ---------------------------------------------------------------- up / down
+
+start_bg() { # name cmd...: starts a host process, remembers its pid
+	local name=$1
+	shift
+	"$@" >"$RUN/logs/$name.log" 2>&1 &
+	echo $! > "$RUN/pids/$name"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+control_plane() {
+	local p=$RUN/pki bin=$ROOT/.cache/kube/bin etcdc etcdp
+	etcdc=$(free_port); etcdp=$(free_port)
+	start_bg etcd etcd --name=e2e --data-dir="$RUN/etcd" \
+		--listen-client-urls=http://127.0.0.1:$etcdc --advertise-client-urls=http://127.0.0.1:$etcdc \
+		--listen-peer-urls=http://127.0.0.1:$etcdp --initial-advertise-peer-urls=http://127.0.0.1:$etcdp \
+		--initial-cluster=e2e=http://127.0.0.1:$etcdp --log-level=warn
+	start_bg kube-apiserver "$bin/kube-apiserver" --etcd-servers=http://127.0.0.1:$etcdc \
+		--bind-address=$HOST_IP --advertise-address=$HOST_IP --secure-port=$APISERVER_PORT \
+		--tls-cert-file="$p/apiserver.crt" --tls-private-key-file="$p/apiserver.key" \
+		--client-ca-file="$p/ca.crt" --authorization-mode=Node,RBAC --allow-privileged=true \
+		--service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$p/sa.pub" \
+		--service-account-signing-key-file="$p/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
+		--kubelet-client-certificate="$p/admin.crt" --kubelet-client-key="$p/admin.key" \
+		--kubelet-preferred-address-types=InternalIP,Hostname --enable-priority-and-fairness=false
+	local i
+	for i in $(seq 300); do
+		if curl -sfk --cert "$p/admin.crt" --key "$p/admin.key" "https://$HOST_IP:$APISERVER_PORT/readyz" >/dev/null 2>&1; then break; fi
+		kill -0 "$(cat "$RUN/pids/kube-apiserver")" 2>/dev/null || die "kube-apiserver exited: $(tail -5 "$RUN/logs/kube-apiserver.log")"
+		sleep 0.2
+	done
+	start_bg kube-controller-manager "$bin/kube-controller-manager" --kubeconfig="$p/kcm.kubeconfig" \
+		--authentication-kubeconfig="$p/kcm.kubeconfig" --authorization-kubeconfig="$p/kcm.kubeconfig" \
+		--service-account-private-key-file="$p/sa.key" --root-ca-file="$p/ca.crt" \
+		--use-service-account-credentials=true --leader-elect=false --bind-address=127.0.0.1 --secure-port="$(free_port)"
+	start_bg kube-scheduler "$bin/kube-scheduler" --kubeconfig="$p/scheduler.kubeconfig" \
+		--authentication-kubeconfig="$p/scheduler.kubeconfig" --authorization-kubeconfig="$p/scheduler.kubeconfig" \
+		--leader-elect=false --bind-address=127.0.0.1 --secure-port="$(free_port)"
+}
+
+node_disk() {
+	local rf=$RUN/rootfs deb
+	log "node disk"
+	rm -rf "$rf"; mkdir -p "$rf"
+	tar -C "$rf" -xf "$E2E/rootfs.tar"
+	deb=$(kernel_deb)
+	local kx=$RUN/kernel
+	rm -rf "$kx"; mkdir -p "$kx"
+	dpkg -x "$deb" "$kx"
+	REL=$(ls "$kx/lib/modules")
+	mkdir -p "$rf/lib/modules"
+	cp -a "$kx/lib/modules/$REL" "$rf/lib/modules/"
+	depmod -b "$rf" "$REL"
+	VMLINUZ=$kx/boot/vmlinuz-$REL
+	install -m 0755 "$ROOT/.cache/kube/bin/kubelet" "$ROOT/.cache/kube/bin/kube-proxy" "$rf/usr/local/bin/"
+	install -m 0755 "$FILES/vminit" "$rf/sbin/vminit"
+	mkdir -p "$rf/etc/containerd" "$rf/etc/cni/net.d" "$rf/etc/kubernetes/pki" "$rf/opt/images" "$rf/var/lib/kubelet"
+	cp "$FILES/containerd.toml" "$rf/etc/containerd/config.toml"
+	rm -f "$rf"/etc/cni/net.d/*
+	cp "$FILES/10-bridge.conflist" "$rf/etc/cni/net.d/"
+	cp "$FILES/kubelet.yaml" "$rf/etc/kubernetes/kubelet.yaml"
+	cp "$RUN/pki/ca.crt" "$RUN/pki/kubelet.crt" "$RUN/pki/kubelet.key" "$rf/etc/kubernetes/pki/"
+	cp "$RUN/pki/node.kubeconfig" "$rf/etc/kubernetes/kubelet.kubeconfig"
+	cp "$RUN/pki/proxy.kubeconfig" "$rf/etc/kubernetes/kube-proxy.kubeconfig"
+	cp "$E2E"/images/*.tar "$rf/opt/images/"
+	echo "$NODE" > "$rf/etc/hostname"
+	: > "$rf/etc/kubelet-resolv.conf"
+	printf 'NODE_IP=%s\nGATEWAY=%s\n' "$NODE_IP" "$HOST_IP" > "$rf/etc/rig.env"
+	systemd-machine-id-setup --root="$rf" >/dev/null 2>&1 || head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$rf/etc/machine-id"
+	mkfs.ext4 -q -F -L e2eroot -d "$rf" "$RUN/node.img" 8G
+	rm -rf "$rf"
+	# initramfs: busybox and the virtio modules.
+	local ir=$RUN/initramfs
+	rm -rf "$ir"; mkdir -p "$ir/bin" "$ir/modules"
+	cp /bin/busybox "$ir/bin/busybox"
+	local m
+	for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+		find "$kx/lib/modules/$REL" -name "$m.ko*" -exec cp {} "$ir/modules/" \;
+	done
+	# The initramfs loads them with busybox insmod, which reads plain .ko.
+	for m in "$ir"/modules/*.ko.xz; do [ -e "$m" ] && xz -d "$m"; done
+	cp "$FILES/init" "$ir/init"
+	(cd "$ir" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$RUN/initrd.img")
+	rm -rf "$ir"
+	echo "$VMLINUZ" > "$RUN/vmlinuz"
+}
+
+boot_node() {
+	ip link show "$TAP" >/dev/null 2>&1 || ip tuntap add dev "$TAP" mode tap
+	ip addr replace "$HOST_IP/24" dev "$TAP"
+	ip link set "$TAP" up
+	log "booting the node (QEMU, TCG)"
+	local accel=tcg,thread=multi
+	[ -w /dev/kvm ] && accel=kvm
+	start_bg qemu qemu-system-x86_64 -m "$MEM" -smp "$CPUS" -accel "$accel" -cpu max -display none -no-reboot \
+		-kernel "$(cat "$RUN/vmlinuz")" -initrd "$RUN/initrd.img" \
+		-append "console=ttyS0 root=/dev/vda rw panic=-1 quiet" \
+		-drive "file=$RUN/node.img,if=virtio,format=raw,cache=unsafe" \
+		-netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" -device virtio-net-pci,netdev=n0 \
+		-device virtio-rng-pci -serial "file:$RUN/logs/console.log" -monitor none
+}
+
+
+wait_ready() {
+	local i start=$SECONDS
+	for i in $(seq 600); do
+		if curl -sfk --cert "$RUN/pki/admin.crt" --key "$RUN/pki/admin.key" \
+			"https://$HOST_IP:$APISERVER_PORT/api/v1/nodes/$NODE" 2>/dev/null |
+			python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n["status"]["conditions"]) else 1)' 2>/dev/null; then
+			log "node $NODE Ready after $((SECONDS - start)) s"
+			return 0
+		fi
+		kill -0 "$(cat "$RUN/pids/qemu")" 2>/dev/null || die "QEMU exited: $(tail -20 "$RUN/logs/console.log")"
+		sleep 1
+	done
+	die "node not Ready after 600 s; console: $(tail -20 "$RUN/logs/console.log")"
+}
+
+up() {
+	[ "$(id -u)" -eq 0 ] || die "needs root (tap device)"
+	[ -f "$E2E/rootfs.tar" ] && [ -f "$E2E/images/nbd-csi.tar" ] || build
+	down >/dev/null 2>&1 || true
+	rm -rf "$RUN"; mkdir -p "$RUN/logs" "$RUN/pids"
+	pki
+	ip link show "$TAP" >/dev/null 2>&1 || ip tuntap add dev "$TAP" mode tap
+	ip addr replace "$HOST_IP/24" dev "$TAP"
+	ip link set "$TAP" up
+	control_plane
+	node_disk
+	boot_node
+	wait_ready
+	cp "$RUN/pki/admin.kubeconfig" "$RUN/kubeconfig"
+	echo "KUBECONFIG=$RUN/kubeconfig"
+}
+
+down() {
+	local f
+	for f in "$RUN"/pids/*; do
+		[ -e "$f" ] || continue
+		kill "$(cat "$f")" 2>/dev/null || true
+	done
+	sleep 1
+	for f in "$RUN"/pids/*; do
+		[ -e "$f" ] || continue
+		kill -9 "$(cat "$f")" 2>/dev/null || true
+		rm -f "$f"
+	done
+	ip link del "$TAP" 2>/dev/null || true
+	log "down"
+}
+
+node_sh() { printf '%s\n' "$*" | socat -t 600 - "TCP:$NODE_IP:2222"; }
+
+collect_logs() {
+	local out=${1:-$RUN/collected}
+	mkdir -p "$out"
+	cp "$RUN"/logs/*.log "$out/" 2>/dev/null || true
+	for f in kubelet containerd kube-proxy images; do
+		node_sh "cat /var/log/$f.log" > "$out/node-$f.log" 2>/dev/null || true
+	done
+	curl -sfk --cert "$RUN/pki/admin.crt" --key "$RUN/pki/admin.key" "https://$HOST_IP:$APISERVER_PORT/api/v1/pods" > "$out/pods.json" 2>&1 || true
+	log "logs in $out"
+}
+
+case ${1:-} in
+build) build ;;
+up) up ;;
+down) down ;;
+sh) shift; node_sh "$@" ;;
+logs) shift; collect_logs "${1:-}" ;;
+*) echo "usage: $0 build|up|down|sh CMD|logs [DIR]" >&2; exit 2 ;;
+esac
