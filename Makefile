@@ -14,7 +14,7 @@ FUZZ_TARGETS := \
 	./pkg/nbd:FuzzReplies \
 	./pkg/nbd:FuzzDecodeInfo
 
-.PHONY: all build test kube unit fuzz vm-test bench demo lint verify generate image clean
+.PHONY: all build test e2e kube unit fuzz vm-test bench demo lint verify generate image clean
 
 all: build
 
@@ -45,6 +45,11 @@ fuzz:
 vm-test:
 	$(GO) test -count=1 -timeout 10m -run '^TestVM' ./test/vm/
 	hack/vm-test.sh
+
+## e2e: the cluster suite (test/e2e/README.md); E2E_PROVIDER=kind (default: Docker + host nbd) or vm (QEMU worker, no Docker needed)
+E2E_PROVIDER ?= kind
+e2e:
+	E2E_PROVIDER=$(E2E_PROVIDER) test/e2e/run.sh
 
 ## bench: benchmarks against the reference tools, same run, with ratios
 bench: build

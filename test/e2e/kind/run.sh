@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The kind provider of make e2e: what upstream CI and most users run.
+# Needs Docker and a host kernel with nbd (`sudo modprobe nbd`): kind nodes
+# share the host's kernel. Honours KIND_NODE_IMAGE and DOCKER_HOST, so it
+# runs unchanged with upstream images and with an offline node image.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+NAME=${E2E_KIND_NAME:-nbd-csi-e2e}
+KIND=${KIND:-$(command -v kind || true)}
+if [ -z "$KIND" ]; then
+	GOBIN=$PWD/.cache/bin go install sigs.k8s.io/kind@v0.33.0
+	KIND=$PWD/.cache/bin/kind
+fi
+[ -e /sys/module/nbd ] || { echo "e2e kind: the host kernel has no nbd module loaded (sudo modprobe nbd); kind nodes share it. Use E2E_PROVIDER=vm on hosts without nbd." >&2; exit 1; }
+command -v docker >/dev/null || { echo "e2e kind: docker is required" >&2; exit 1; }
+helm=$(hack/helm.sh)
+status=0
+cleanup() {
+	if [ "$status" -ne 0 ]; then
+		out=${E2E_ARTIFACTS:-.cache/e2e/artifacts}
+		mkdir -p "$out"
+		"$KIND" export logs --name "$NAME" "$out" >/dev/null 2>&1 || true
+		echo "e2e: logs in $out" >&2
+	fi
+	[ "${E2E_KEEP:-}" = 1 ] || "$KIND" delete cluster --name "$NAME"
+}
+trap cleanup EXIT
+"$KIND" create cluster --name "$NAME" --config test/e2e/kind/cluster.yaml ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"} --wait 5m
+export KUBECONFIG=$PWD/.cache/e2e/kind.kubeconfig
+mkdir -p .cache/e2e
+"$KIND" get kubeconfig --name "$NAME" > "$KUBECONFIG"
+docker build -t nbd-csi-e2e/nbd-csi:e2e --build-arg VERSION=e2e .
+docker build -t nbd-csi-e2e/nbdkit:e2e test/e2e/images/nbdkit
+docker build -t nbd-csi-e2e/busybox:1 - <<<'FROM busybox:1.36'
+"$KIND" load docker-image --name "$NAME" nbd-csi-e2e/nbd-csi:e2e nbd-csi-e2e/nbdkit:e2e nbd-csi-e2e/busybox:1
+kubectl apply -f test/e2e/kind/nbd-server.yaml
+kubectl -n nbd-e2e wait --for=condition=Ready pod/nbd-server --timeout=5m
+ip=$(kubectl -n nbd-e2e get service nbd-server -o jsonpath='{.spec.clusterIP}')
+"$helm" install nbd-csi charts/nbd-csi --namespace kube-system --wait --timeout 10m \
+	--set image.repository=nbd-csi-e2e/nbd-csi --set image.tag=e2e \
+	--set "storageClasses[0].name=nbd-e2e" --set "storageClasses[0].server=nbd://$ip:10809" || status=$?
+export E2E_SERVER_RESTART_CMD="kubectl -n nbd-e2e exec nbd-server -- sh -c 'kill -9 \$(cat /run/nbdkit.pid)'"
+if [ "$status" -eq 0 ]; then
+	(cd test/e2e && NBDCSI_REQUIRE_E2E=1 go test -count=1 -v -timeout 60m ${E2E_RUN:+-run "$E2E_RUN"} .) || status=$?
+fi
+exit "$status"
