@@ -60,7 +60,9 @@ var crdResource = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Ver
 type Cluster struct {
 	dir          string
 	etcd, apisrv *exec.Cmd
-	host         string
+	// exited is closed when a process has exited (its Wait returned).
+	exited map[*exec.Cmd]chan struct{}
+	host   string
 	// StartTime is how long the API server took to become ready.
 	StartTime time.Duration
 }
@@ -129,7 +131,7 @@ func Start(crdDir string) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cluster{dir: dir}
+	c := &Cluster{dir: dir, exited: map[*exec.Cmd]chan struct{}{}}
 	ok := false
 	defer func() {
 		if !ok {
@@ -214,7 +216,9 @@ func (c *Cluster) launch(cmd *exec.Cmd, logName string) error {
 		log.Close()
 		return fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
-	go func() { cmd.Wait(); log.Close() }()
+	done := make(chan struct{})
+	c.exited[cmd] = done
+	go func() { cmd.Wait(); log.Close(); close(done) }()
 	return nil
 }
 
@@ -233,8 +237,10 @@ func (c *Cluster) waitReady(d time.Duration) error {
 	deadline := time.Now().Add(d)
 	var last error
 	for time.Now().Before(deadline) {
-		if c.apisrv.ProcessState != nil {
+		select {
+		case <-c.exited[c.apisrv]:
 			return fmt.Errorf("kube-apiserver exited: %s", c.Log("kube-apiserver"))
+		default:
 		}
 		req, _ := http.NewRequest(http.MethodGet, c.host+"/readyz", nil)
 		req.Header.Set("Authorization", "Bearer "+AdminToken)
@@ -320,16 +326,15 @@ func waitEstablished(ctx context.Context, dc dynamic.Interface, name string) err
 	}
 }
 
-// Stop kills both processes and removes the directory.
+// Stop kills both processes, waits for them, and removes the directory.
 func (c *Cluster) Stop() {
 	for _, cmd := range []*exec.Cmd{c.apisrv, c.etcd} {
-		if cmd != nil && cmd.Process != nil {
+		if done, ok := c.exited[cmd]; ok {
 			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		}
-	}
-	for _, cmd := range []*exec.Cmd{c.apisrv, c.etcd} {
-		for cmd != nil && cmd.Process != nil && cmd.ProcessState == nil && syscall.Kill(cmd.Process.Pid, 0) == nil {
-			time.Sleep(20 * time.Millisecond)
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+			}
 		}
 	}
 	os.RemoveAll(c.dir)

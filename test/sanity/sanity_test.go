@@ -9,6 +9,7 @@
 package sanity
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -100,9 +101,24 @@ func TestSanity(t *testing.T) {
 }
 
 // TestSanityKubeStore runs the driver in-process with the Kubernetes store
-// on a real kube-apiserver.
+// on a real kube-apiserver. Ginkgo runs one suite per process, so unless it
+// is the only test run, it re-runs this test binary for itself.
 func TestSanityKubeStore(t *testing.T) {
 	kubetest.Need(t, cluster)
+	if os.Getenv("NBDCSI_SANITY_CHILD") != "1" {
+		cmd := exec.Command(os.Args[0], "-test.run", "^TestSanityKubeStore$", "-test.v")
+		cmd.Env = append(os.Environ(), "NBDCSI_SANITY_CHILD=1")
+		out, err := cmd.CombinedOutput()
+		for _, line := range bytes.Split(out, []byte("\n")) {
+			if bytes.Contains(line, []byte("Passed")) || bytes.HasPrefix(bytes.TrimSpace(line), []byte("Ran ")) {
+				t.Logf("%s", line)
+			}
+		}
+		if err != nil {
+			t.Fatalf("sanity with the Kubernetes store: %v\n%s", err, out)
+		}
+		return
+	}
 	st, err := kubestore.New(cluster.Config())
 	if err != nil {
 		t.Fatal(err)

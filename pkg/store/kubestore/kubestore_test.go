@@ -204,6 +204,7 @@ func TestKubeCheckWithoutCRDs(t *testing.T) {
 	// The CRDs are installed in this cluster; a store on a group that is not
 	// served must say what to install.
 	other := kubestore.NewForClient(renamed{dc})
+	defer other.Close()
 	if err := other.Check(context.Background()); !errors.Is(err, kubestore.ErrNoCRDs) {
 		t.Errorf("Check without CRDs = %v, want ErrNoCRDs", err)
 	}
