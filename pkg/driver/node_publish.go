@@ -207,16 +207,25 @@ func (s *NodeService) updateTargets(volumeID, target string, add bool) error {
 	return s.state.Put(rec)
 }
 
-// checkTarget refuses target paths outside the kubelet's pods directory.
+// checkTarget refuses target paths outside the directories where the
+// kubelet asks for publications: its pods directory (filesystems, and
+// block volumes of older kubelets) and its CSI block-device publish
+// directory (plugins/kubernetes.io/csi/volumeDevices/, block volumes).
 func (s *NodeService) checkTarget(target string) error {
 	if target == "" || !filepath.IsAbs(target) {
 		return status.Errorf(codes.InvalidArgument, "target path %q must be an absolute path", target)
 	}
-	pods := filepath.Join(s.opts.KubeletDir, "pods") + string(filepath.Separator)
-	if !strings.HasPrefix(filepath.Clean(target)+string(filepath.Separator), pods) {
-		return status.Errorf(codes.InvalidArgument, "target path %s is outside the kubelet pods directory %s", target, pods)
+	clean := filepath.Clean(target) + string(filepath.Separator)
+	roots := []string{
+		filepath.Join(s.opts.KubeletDir, "pods") + string(filepath.Separator),
+		filepath.Join(s.opts.KubeletDir, "plugins", "kubernetes.io", "csi", "volumeDevices") + string(filepath.Separator),
 	}
-	return nil
+	for _, r := range roots {
+		if strings.HasPrefix(clean, r) && clean != r {
+			return nil
+		}
+	}
+	return status.Errorf(codes.InvalidArgument, "target path %s is outside the kubelet's publish directories %s", target, strings.Join(roots, ", "))
 }
 
 func kind(block bool) string {

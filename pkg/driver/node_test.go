@@ -154,6 +154,13 @@ func TestNodeLifecycle(t *testing.T) {
 		}
 	}
 	outside := proto.Clone(pub).(*csi.NodePublishVolumeRequest)
+	for _, p := range []string{"/etc/evil", filepath.Join(e.kubelet, "plugins", "other"), filepath.Join(e.kubelet, "pods", "..", "x"),
+		filepath.Join(e.kubelet, "plugins", "kubernetes.io", "csi", "volumeDevices")} {
+		outside.TargetPath = p
+		if _, err := e.svc.NodePublishVolume(ctx, outside); code(err) != codes.InvalidArgument {
+			t.Errorf("publish at %s: %v, want InvalidArgument", p, err)
+		}
+	}
 	outside.TargetPath = "/etc/evil"
 	if _, err := e.svc.NodePublishVolume(ctx, outside); code(err) != codes.InvalidArgument {
 		t.Errorf("publish outside kubelet dir: %v, want InvalidArgument", err)
@@ -241,7 +248,9 @@ func TestNodeBlockVolume(t *testing.T) {
 	if len(e.mnt.Formats) != 0 {
 		t.Errorf("block volume was formatted: %v", e.mnt.Formats)
 	}
-	target := filepath.Join(e.kubelet, "pods", "uid", "volumeDevices", "blk")
+	// Where the kubelet publishes block volumes (found by the e2e suite: not
+	// under pods/).
+	target := filepath.Join(e.kubelet, "plugins", "kubernetes.io", "csi", "volumeDevices", "publish", "pv-blk", "pod-uid")
 	pub := &csi.NodePublishVolumeRequest{VolumeId: "blk", StagingTargetPath: req.StagingTargetPath, TargetPath: target, VolumeCapability: blockCap()}
 	if _, err := e.svc.NodePublishVolume(ctx, pub); err != nil {
 		t.Fatal(err)

@@ -201,7 +201,7 @@ EOF
 start_bg() { # name cmd...: starts a host process, remembers its pid
 	local name=$1
 	shift
-	"$@" >"$RUN/logs/$name.log" 2>&1 &
+	setsid "$@" >"$RUN/logs/$name.log" 2>&1 < /dev/null &
 	echo $! > "$RUN/pids/$name"
 }
 

@@ -16,8 +16,8 @@ start() {
 	if [ -z "$(ls "$POOL")" ]; then
 		for i in $(seq -w 1 "$EXPORTS"); do truncate -s 256M "$POOL/disk$i"; done
 	fi
-	nbdkit -f -i "$ADDR" -p 10809 file dir="$POOL" >>"$RUN/logs/nbdkit.log" 2>&1 &
-	echo $! > "$PID"
+	# nbdkit daemonizes itself and writes its pid file.
+	nbdkit -P "$PID" -i "$ADDR" -p 10809 file dir="$POOL" >>"$RUN/logs/nbdkit.log" 2>&1 < /dev/null
 	for _ in $(seq 100); do
 		nbdinfo --list "nbd://$ADDR:10809" >/dev/null 2>&1 && { echo "nbdkit serving $(ls "$POOL" | wc -l) exports on nbd://$ADDR:10809"; return; }
 		sleep 0.1
