@@ -280,10 +280,15 @@ func TestBlockVolume(t *testing.T) {
 // writerScript appends 64 KiB records with fsync for secs seconds, exiting
 // non-zero at the first I/O error, then verifies every record.
 func writerScript(secs int) string {
+	// The record is made once in a file: dd reading a pipe may get short
+	// blocks.
 	return fmt.Sprintf(`set -e
+rm -f /data/log
+dd if=/dev/zero bs=65536 count=1 2>/dev/null | tr '\0' x > /tmp/rec
+[ "$(stat -c %%s /tmp/rec)" -eq 65536 ]
 end=$(( $(date +%%s) + %d )); n=0
 while [ $(date +%%s) -lt $end ]; do
-  dd if=/dev/zero bs=65536 count=1 2>/dev/null | tr '\0' x | dd of=/data/log bs=65536 seek=$n count=1 conv=notrunc,fsync 2>/dev/null
+  dd if=/tmp/rec of=/data/log bs=65536 seek=$n count=1 conv=notrunc,fsync 2>/dev/null
   n=$((n+1))
 done
 size=$(stat -c %%s /data/log)

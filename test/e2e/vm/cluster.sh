@@ -11,6 +11,7 @@
 #   test/e2e/vm/cluster.sh build    # binaries, root filesystem, images (cached)
 #   test/e2e/vm/cluster.sh up       # start the cluster; prints KUBECONFIG=…
 #   test/e2e/vm/cluster.sh sh CMD   # run CMD on the node
+#   test/e2e/vm/cluster.sh load TAR # import an image tar into the running node
 #   test/e2e/vm/cluster.sh logs DIR # collect logs (host components and node)
 #   test/e2e/vm/cluster.sh down     # stop everything, remove the tap device
 #
@@ -350,6 +351,15 @@ down() {
 
 node_sh() { printf '%s\n' "$*" | socat -t 600 - "TCP:$NODE_IP:2222"; }
 
+# load TAR...: imports images into the running node's containerd (like
+# kind load): the node's shell reads the command line, ctr the rest.
+load() {
+	local t
+	for t in "$@"; do
+		{ printf 'ctr -n k8s.io images import -\n'; cat "$t"; } | socat -t 600 - "TCP:$NODE_IP:2222"
+	done
+}
+
 collect_logs() {
 	local out=${1:-$RUN/collected}
 	mkdir -p "$out"
@@ -366,6 +376,7 @@ build) build ;;
 up) up ;;
 down) down ;;
 sh) shift; node_sh "$@" ;;
+load) shift; load "$@" ;;
 logs) shift; collect_logs "${1:-}" ;;
-*) echo "usage: $0 build|up|down|sh CMD|logs [DIR]" >&2; exit 2 ;;
+*) echo "usage: $0 build|up|down|sh CMD|load TAR...|logs [DIR]" >&2; exit 2 ;;
 esac
