@@ -66,6 +66,7 @@ demo: build
 ## lint: static checks
 lint:
 	$(GO) vet ./...
+	cd test/e2e && $(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	hack/verify-license.sh
 

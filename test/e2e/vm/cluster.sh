@@ -285,10 +285,13 @@ node_disk() {
 	echo "$VMLINUZ" > "$RUN/vmlinuz"
 }
 
-boot_node() {
+tap_up() {
 	ip link show "$TAP" >/dev/null 2>&1 || ip tuntap add dev "$TAP" mode tap
 	ip addr replace "$HOST_IP/24" dev "$TAP"
 	ip link set "$TAP" up
+}
+
+boot_node() {
 	log "booting the node (QEMU, TCG)"
 	local accel=tcg,thread=multi
 	[ -w /dev/kvm ] && accel=kvm
@@ -322,9 +325,7 @@ up() {
 	down >/dev/null 2>&1 || true
 	rm -rf "$RUN"; mkdir -p "$RUN/logs" "$RUN/pids"
 	pki
-	ip link show "$TAP" >/dev/null 2>&1 || ip tuntap add dev "$TAP" mode tap
-	ip addr replace "$HOST_IP/24" dev "$TAP"
-	ip link set "$TAP" up
+	tap_up # the API server binds to the tap's address
 	control_plane
 	node_disk
 	boot_node
