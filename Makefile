@@ -73,7 +73,7 @@ lint:
 ## verify: everything `make test` checks before running tests (incl. CRDs and deploy/ up to date)
 verify: lint
 	$(GO) mod verify >/dev/null
-	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum not tidy: run 'go mod tidy'"; exit 1; }
+	@for m in . test/e2e hack/tools; do (cd $$m && $(GO) mod tidy -diff >/dev/null) || { echo "$$m: go.mod/go.sum not tidy: run 'go mod tidy' there"; exit 1; }; done
 	hack/verify-deploy.sh
 
 ## generate: CRDs from pkg/apis (controller-gen), then deploy/kubernetes from the Helm chart
