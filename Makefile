@@ -23,11 +23,7 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/nbd-csi ./cmd/nbd-csi
 
 ## test: every test — unit, interop against real NBD servers, the Kubernetes store on a real API server, fuzz (briefly), real kernel in the VM
-test:
-	@# verify (downloads, vet, chart rendering) and the kube-apiserver build
-	@# overlap: much of the first is waiting on the network.
-	$(MAKE) -j2 --output-sync=target verify kube
-	$(MAKE) unit fuzz vm-test
+test: verify kube unit fuzz vm-test
 
 ## kube: build kube-apiserver from the Go module proxy into .cache/kube for the Kubernetes store's tests (once: ~8 min on 2 cores)
 kube:
