@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -175,7 +174,7 @@ func TestServeHealth(t *testing.T) {
 	dir := t.TempDir()
 	check := func(args []string, path string, wantCode int, wantBody string) {
 		t.Helper()
-		port, err := freeTCPPort()
+		port, err := servers.FreePort()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -212,13 +211,4 @@ func TestServeHealth(t *testing.T) {
 		check(node, "/readyz", http.StatusServiceUnavailable, "nbd")
 		check(node, "/healthz", http.StatusOK, "ok")
 	}
-}
-
-func freeTCPPort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }

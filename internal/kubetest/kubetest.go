@@ -23,7 +23,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -41,6 +40,8 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
+
+	"github.com/nbd-csi/nbd-csi/internal/servers"
 )
 
 // RequireEnv names the variable that, set to 1, turns a missing etcd or
@@ -110,15 +111,6 @@ func findBinaries() (etcd, apiserver string, err error) {
 	return etcd, apiserver, nil
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
 // Start starts etcd and kube-apiserver in a new temporary directory and
 // installs the CRDs in crdDir. It returns an error wrapping ErrMissing when
 // a binary is absent.
@@ -140,7 +132,7 @@ func Start(crdDir string) (*Cluster, error) {
 	}()
 	var ports [3]int
 	for i := range ports {
-		if ports[i], err = freePort(); err != nil {
+		if ports[i], err = servers.FreePort(); err != nil {
 			return nil, err
 		}
 	}

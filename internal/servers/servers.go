@@ -161,7 +161,7 @@ func start(t testing.TB, name string, listen Listen, daemon bool, argv func(*Ser
 	var err error
 	for try := 0; try < 3; try++ {
 		if listen == TCP {
-			if s.Port, err = freePort(); err != nil {
+			if s.Port, err = FreePort(); err != nil {
 				t.Fatalf("find a free port: %v", err)
 			}
 		}
@@ -192,8 +192,8 @@ func shortTempDir(t testing.TB) string {
 	return dir
 }
 
-// freePort returns a TCP port of 127.0.0.1 that was free a moment ago.
-func freePort() (int, error) {
+// FreePort returns a TCP port of 127.0.0.1 that was free a moment ago.
+func FreePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, err
