@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds Kubernetes commands from the Go module proxy into .cache/kube/bin and
 # prints their paths, one per line: hack/kube-build.sh kube-apiserver kubelet …
+# (also e2e.test, a slim External Storage suite, and agnhost, a test image).
 # The module is generated from hack/kube/*.in (k8s.io/kubernetes with one
 # replace per staging module), so the main module never depends on
 # k8s.io/kubernetes. Each binary is rebuilt only when its stamp (version and
@@ -39,6 +40,8 @@ prepare() {
 	replaces=$(grep -E '^[[:space:]]+k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$staging" '{print "\t"$1" => "$1" "v}')
 	awk -v ver="$K8S_VERSION" -v rep="$replaces" '{gsub("@K8S_VERSION@", ver); if ($0 == "@REPLACES@") print rep; else print}' hack/kube/go.mod.in > "$src/go.mod"
 	cp hack/kube/tools.go.in "$src/tools.go"
+	mkdir -p "$src/e2e"
+	cp hack/kube/e2e_test.go.in "$src/e2e/e2e_test.go"
 	(cd "$src" && GOFLAGS=-mod=mod go mod tidy >&2)
 	echo "$K8S_VERSION $(cat hack/kube/*.in | sha256sum | cut -c1-16)" > "$src/version"
 }
@@ -47,7 +50,7 @@ minor=$(echo "$K8S_VERSION" | cut -d. -f2)
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
 for cmd in "$@"; do
 	case $cmd in
-	kube-apiserver | kube-controller-manager | kube-scheduler | kubelet | kube-proxy) ;;
+	kube-apiserver | kube-controller-manager | kube-scheduler | kubelet | kube-proxy | e2e.test | agnhost) ;;
 	*) echo "kube-build: unknown command $cmd" >&2; exit 2 ;;
 	esac
 	bin=$dir/bin/$cmd
@@ -57,7 +60,11 @@ for cmd in "$@"; do
 		prepare
 		echo "kube-build: building $cmd $K8S_VERSION ${gcflags:+($gcflags) }from the Go module proxy (once)" >&2
 		start=$(date +%s)
-		(cd "$src" && CGO_ENABLED=0 go build -trimpath ${gcflags:+-gcflags=all="$gcflags"} -ldflags "$ldflags" -o "$bin" "k8s.io/kubernetes/cmd/$cmd" >&2)
+		case $cmd in
+		e2e.test) (cd "$src" && CGO_ENABLED=0 go test -c -trimpath -ldflags "$ldflags" -o "$bin" ./e2e >&2) ;;
+		agnhost) (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$bin" k8s.io/kubernetes/test/images/agnhost >&2) ;;
+		*) (cd "$src" && CGO_ENABLED=0 go build -trimpath ${gcflags:+-gcflags=all="$gcflags"} -ldflags "$ldflags" -o "$bin" "k8s.io/kubernetes/cmd/$cmd" >&2) ;;
+		esac
 		echo "$id" > "$bin.version"
 		echo "kube-build: built $cmd in $(( $(date +%s) - start )) s" >&2
 	fi

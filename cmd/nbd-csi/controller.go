@@ -14,6 +14,8 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/metrics"
+	"github.com/nbd-csi/nbd-csi/pkg/store"
 	"github.com/nbd-csi/nbd-csi/pkg/store/kubestore"
 )
 
@@ -37,7 +39,7 @@ func (f *controllerFlags) register(fs *flag.FlagSet) {
 }
 
 // newControllerService opens the store and builds the controller service.
-func newControllerService(ctx context.Context, driverName string, f controllerFlags) (csi.ControllerServer, driver.ReadyFunc, func(), error) {
+func newControllerService(ctx context.Context, driverName string, f controllerFlags, m *metrics.Registry) (csi.ControllerServer, driver.ReadyFunc, func(), error) {
 	if f.leader && f.store.kind != storeKubernetes {
 		return nil, nil, nil, fmt.Errorf("--leader-election needs --store=%s", storeKubernetes)
 	}
@@ -45,6 +47,18 @@ func newControllerService(ctx context.Context, driverName string, f controllerFl
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	m.Gauges("exports", "Exports in the controller's inventory, by phase (Available, Bound, Missing).", "phase",
+		func(context.Context) (map[string]float64, error) {
+			list, err := st.Exports()
+			if err != nil {
+				return nil, err
+			}
+			n := map[string]float64{string(store.PhaseAvailable): 0, string(store.PhaseBound): 0, string(store.PhaseMissing): 0}
+			for _, e := range list {
+				n[string(e.Phase)]++
+			}
+			return n, nil
+		})
 	svc := driver.NewControllerService(driver.ControllerOptions{ScanMaxAge: f.scanMaxAge, ScanTimeout: f.scanTimeout,
 		ScanInterval: f.scanEvery}, st, driver.NBDDiscoverer{})
 	if f.leader {

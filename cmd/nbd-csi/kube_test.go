@@ -166,10 +166,10 @@ func TestStoreFlagErrors(t *testing.T) {
 	}
 }
 
-// TestServeHealth: --health-address answers /healthz while serving, and
+// TestServeHealth: --health-address answers /healthz while serving,
 // /readyz with 200 when the services are ready and 503 with Probe's reason
 // when they are not (here: a node whose kernel has no nbd, unless this
-// kernel has it).
+// kernel has it), and /metrics with each mode's gauges.
 func TestServeHealth(t *testing.T) {
 	dir := t.TempDir()
 	check := func(args []string, path string, wantCode int, wantBody string) {
@@ -205,10 +205,12 @@ func TestServeHealth(t *testing.T) {
 	}
 	ctrl := []string{"serve", "--mode=controller", "--endpoint=unix://" + filepath.Join(dir, "c.sock"), "--store-path=" + filepath.Join(dir, "store.db")}
 	check(ctrl, "/readyz", http.StatusOK, "ok")
+	check(ctrl, "/metrics", http.StatusOK, `nbdcsi_exports{phase="Available"} 0`)
 	if _, err := os.Stat("/sys/module/nbd"); err != nil {
 		node := []string{"serve", "--mode=node", "--endpoint=unix://" + filepath.Join(dir, "n.sock"),
 			"--kubelet-dir=" + filepath.Join(dir, "kubelet"), "--state-dir=" + filepath.Join(dir, "state"), "--skip-modprobe"}
 		check(node, "/readyz", http.StatusServiceUnavailable, "nbd")
 		check(node, "/healthz", http.StatusOK, "ok")
+		check(node, "/metrics", http.StatusOK, `nbdcsi_node_volumes{health="degraded"} 0`)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/nbd-csi/nbd-csi/pkg/attach"
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/metrics"
 )
 
 // attachFlags configure the kernel side of the node plugin.
@@ -55,13 +56,19 @@ func (f *attachFlags) options() (device.Options, error) {
 
 // newNodeService builds the node service on the real kernel and mounter,
 // adopts what an earlier process attached, and starts the orphan sweep.
-func newNodeService(ctx context.Context, opts driver.NodeOptions, af attachFlags) (*driver.NodeService, driver.ReadyFunc, func(), error) {
+func newNodeService(ctx context.Context, opts driver.NodeOptions, af attachFlags, m *metrics.Registry) (*driver.NodeService, driver.ReadyFunc, func(), error) {
 	devOpts, err := af.options()
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	att := attach.New(ctx, attach.Options{Device: devOpts, PollInterval: af.pollInterval,
-		SecretsDir: filepath.Join(opts.StateDir, "tls")})
+		SecretsDir: filepath.Join(opts.StateDir, "tls"),
+		OnEvent:    func(_ string, e device.Event) { m.ConnectionEvent(e.Kind.String()) }})
+	m.Gauges("node_volumes", "NBD volumes attached on this node, by health (degraded: connection lost, reconnecting or given up).", "health",
+		func(context.Context) (map[string]float64, error) {
+			healthy, degraded := att.Health()
+			return map[string]float64{"healthy": float64(healthy), "degraded": float64(degraded)}, nil
+		})
 	if err := att.Ready(ctx); err != nil {
 		// Keep serving: Probe reports the reason, and the kubelet shows it.
 		klog.FromContext(ctx).Error(err, "Node cannot attach NBD devices")

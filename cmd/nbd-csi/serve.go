@@ -16,7 +16,10 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"google.golang.org/grpc"
+
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/metrics"
 )
 
 // serveFlags are the flags of `nbd-csi serve`; docs/cli.md lists them.
@@ -36,7 +39,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI gRPC endpoint: unix:///path or tcp://host:port")
 	fs.StringVar(&f.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name (must match the CSIDriver object)")
 	fs.DurationVar(&f.grace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for RPCs in flight (volumes stay attached)")
-	fs.StringVar(&f.health, "health-address", "", "serve HTTP on this address (e.g. :9808): GET /healthz answers 200 while the process serves; GET /readyz 200 when Probe is ready, else 503 with the reason; empty: off")
+	fs.StringVar(&f.health, "health-address", "", "serve HTTP on this address (e.g. :9808): GET /healthz answers 200 while the process serves; GET /readyz 200 when Probe is ready, else 503 with the reason; GET /metrics Prometheus metrics; empty: off")
 
 	host, _ := os.Hostname()
 	if n := os.Getenv("NODE_NAME"); n != "" {
@@ -82,13 +85,15 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 	logger := klog.Background().WithValues("mode", mode)
 	ctx = klog.NewContext(ctx, logger)
 
-	cfg := driver.Config{Name: f.driverName, Version: Version(), Endpoint: f.endpoint, Mode: mode}
+	m := metrics.New()
+	cfg := driver.Config{Name: f.driverName, Version: Version(), Endpoint: f.endpoint, Mode: mode,
+		Interceptors: []grpc.UnaryServerInterceptor{m.Interceptor()}}
 	var ready []driver.ReadyFunc
 	if mode.ServesNode() {
 		if f.node.StateDir == "" {
 			f.node.StateDir = filepath.Join(f.node.KubeletDir, "plugins", f.driverName, "volumes")
 		}
-		node, nodeReady, stop, err := newNodeService(ctx, f.node, f.attach)
+		node, nodeReady, stop, err := newNodeService(ctx, f.node, f.attach, m)
 		if err != nil {
 			return err
 		}
@@ -97,7 +102,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 		ready = append(ready, nodeReady)
 	}
 	if mode.ServesController() {
-		ctrl, ctrlReady, stop, err := newControllerService(ctx, f.driverName, f.controller)
+		ctrl, ctrlReady, stop, err := newControllerService(ctx, f.driverName, f.controller, m)
 		if err != nil {
 			return err
 		}
@@ -122,7 +127,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 		return err
 	}
 	if f.health != "" {
-		stop, err := serveHealth(ctx, f.health, cfg.Ready)
+		stop, err := serveHealth(ctx, f.health, cfg.Ready, m.Handler())
 		if err != nil {
 			l.Close()
 			return err
@@ -134,16 +139,19 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 
 // serveHealth answers GET /healthz (alive) and GET /readyz (what Probe
 // says, with the reason when not ready), for kubelet's liveness and
-// readiness probes without a livenessprobe sidecar. A node whose kernel
-// cannot attach is thus not Ready, with the reason in the pod's events,
-// instead of being restarted in a loop.
-func serveHealth(ctx context.Context, addr string, ready driver.ReadyFunc) (func(), error) {
+// readiness probes without a livenessprobe sidecar, and GET /metrics. A
+// node whose kernel cannot attach is thus not Ready, with the reason in the
+// pod's events, instead of being restarted in a loop.
+func serveHealth(ctx context.Context, addr string, ready driver.ReadyFunc, metricsHandler http.Handler) (func(), error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("--health-address: %w", err)
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
+	if metricsHandler != nil {
+		mux.Handle("GET /metrics", metricsHandler)
+	}
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		rctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 		defer cancel()

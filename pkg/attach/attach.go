@@ -49,6 +49,8 @@ type Options struct {
 	// BackendPrefix prefixes the volume ID in backend identifiers; empty
 	// means BackendPrefix.
 	BackendPrefix string
+	// OnEvent, when set, is told of every supervision event (metrics).
+	OnEvent func(volumeID string, e device.Event)
 }
 
 // Attacher implements driver.VolumeAttacher on the real kernel.
@@ -441,7 +443,12 @@ func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.
 			n.files = nil
 			return files, n.info.Size, uint16(n.info.Flags), nil
 		},
-		OnEvent: func(e device.Event) { a.event(w, e) },
+		OnEvent: func(e device.Event) {
+			a.event(w, e)
+			if a.opts.OnEvent != nil {
+				a.opts.OnEvent(spec.VolumeID, e)
+			}
+		},
 	})
 	if err != nil {
 		w.healthy, w.condition = false, "cannot supervise: "+err.Error()
@@ -453,6 +460,21 @@ func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.
 		defer close(w.done)
 		_ = sup.Run(ctx)
 	}()
+}
+
+// Health counts the attached volumes this process supervises: healthy, and
+// degraded (connection lost, reconnecting, or given up).
+func (a *Attacher) Health() (healthy, degraded int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, w := range a.watched {
+		if w.healthy {
+			healthy++
+		} else {
+			degraded++
+		}
+	}
+	return healthy, degraded
 }
 
 // event turns supervision events into the volume's health.

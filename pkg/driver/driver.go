@@ -58,6 +58,7 @@ type Driver struct {
 	identity      *IdentityService
 	node          csi.NodeServer
 	controller    csi.ControllerServer
+	interceptors  []grpc.UnaryServerInterceptor
 }
 
 // Config assembles a Driver. Services not served by Mode must be nil.
@@ -75,6 +76,8 @@ type Config struct {
 	Controller csi.ControllerServer
 	// Ready checks whether the served services can work (Probe).
 	Ready ReadyFunc
+	// Interceptors run around every call, after the logging one (metrics).
+	Interceptors []grpc.UnaryServerInterceptor
 }
 
 // New checks cfg and builds a driver.
@@ -89,7 +92,7 @@ func New(cfg Config) (*Driver, error) {
 		return nil, fmt.Errorf("mode %s: controller service given=%v", cfg.Mode, cfg.Controller != nil)
 	}
 	d := &Driver{name: cfg.Name, version: cfg.Version, endpoint: cfg.Endpoint, mode: cfg.Mode,
-		node: cfg.Node, controller: cfg.Controller}
+		node: cfg.Node, controller: cfg.Controller, interceptors: cfg.Interceptors}
 	d.identity = &IdentityService{name: cfg.Name, version: cfg.Version, controller: cfg.Mode.ServesController(), ready: cfg.Ready}
 	return d, nil
 }
@@ -127,7 +130,7 @@ func Listen(endpoint string) (net.Listener, error) {
 // grace). It never touches attached volumes: devices outlive the plugin.
 func (d *Driver) Serve(ctx context.Context, l net.Listener, grace time.Duration) error {
 	logger := klog.FromContext(ctx)
-	srv := grpc.NewServer(grpc.UnaryInterceptor(logInterceptor(logger)))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{logInterceptor(logger)}, d.interceptors...)...))
 	csi.RegisterIdentityServer(srv, d.identity)
 	if d.node != nil {
 		csi.RegisterNodeServer(srv, d.node)

@@ -124,6 +124,14 @@ func TestChartDefaults(t *testing.T) {
 	if get(node, "readinessProbe", "httpGet", "path") != "/readyz" || !strings.Contains(strings.Join(toStrings(node["args"]), " "), "--health-address=:9809") {
 		t.Errorf("node plugin probes: %v %v", node["readinessProbe"], node["args"])
 	}
+	// Metrics: the pods say where Prometheus finds them (the health port).
+	for name, obj := range map[string]map[string]any{"node": ds, "controller": objs["Deployment/nbd-csi-controller"]} {
+		want := map[string]string{"node": "9809", "controller": "9808"}[name]
+		if get(obj, "spec", "template", "metadata", "annotations", "prometheus.io/port") != want ||
+			get(obj, "spec", "template", "metadata", "annotations", "prometheus.io/path") != "/metrics" {
+			t.Errorf("%s pod annotations: %v, want prometheus.io/port %s", name, get(obj, "spec", "template", "metadata", "annotations"), want)
+		}
+	}
 	found := false
 	for _, m := range node["volumeMounts"].([]any) {
 		mm := m.(map[string]any)
@@ -204,6 +212,9 @@ func TestChartCustomValues(t *testing.T) {
 	}
 	if !ok || !strings.Contains(strings.Join(toStrings(node["args"]), " "), "--kubelet-dir=/data/kubelet") {
 		t.Errorf("custom kubeletDir not applied: %v", node["args"])
+	}
+	if a := get(ds, "spec", "template", "metadata", "annotations"); a != nil {
+		t.Errorf("metrics.podAnnotations false, yet the node pods are annotated: %v", a)
 	}
 	reg := container(t, ds, "node-driver-registrar")
 	if !strings.Contains(strings.Join(toStrings(reg["args"]), " "), "--kubelet-registration-path=/data/kubelet/plugins/nbd.csi.nbd-csi.io/csi.sock") {

@@ -20,6 +20,9 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"strings"
@@ -27,9 +30,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -363,33 +368,164 @@ func TestServerRestartWhileWriting(t *testing.T) {
 		t.Fatalf("%s: %v\n%s", restart, err, out)
 	}
 	t.Logf("server restarted: %s", bytes.TrimSpace(out))
-	waitPod(t, "writer", corev1.PodSucceeded, 5*time.Minute)
+	w := waitPod(t, "writer", corev1.PodSucceeded, 5*time.Minute)
 	t.Logf("writer: %s", strings.TrimSpace(logs(t, "writer")))
+	// The node plugin counted the outage: its /metrics (on the health port,
+	// host network) shows the link dying and the reconnect.
+	m := nodeMetrics(t, w.Spec.NodeName)
+	for _, want := range []string{`nbdcsi_node_connection_events_total{event="link-dead"}`, `nbdcsi_node_connection_events_total{event="reconnected"}`} {
+		if !strings.Contains(m, want) {
+			t.Errorf("node plugin metrics lack %s", want)
+		}
+	}
 }
 
-// TestFencing: while one node holds a single-node volume, a pod on another
-// node cannot attach it, and the event names the holder.
+// nodeMetrics scrapes the node plugin on node through its readiness port.
+func nodeMetrics(t *testing.T, node string) string {
+	t.Helper()
+	l, err := cs.CoreV1().Pods(driverNamespace()).List(context.Background(), metav1.ListOptions{LabelSelector: "app=nbd-csi-node",
+		FieldSelector: "spec.nodeName=" + node})
+	if err != nil || len(l.Items) == 0 {
+		t.Fatalf("node plugin on %s: %v", node, err)
+	}
+	p := l.Items[0]
+	for _, c := range p.Spec.Containers {
+		if c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet == nil {
+			continue
+		}
+		port := c.ReadinessProbe.HTTPGet.Port.String()
+		for _, cp := range c.Ports {
+			if cp.Name == port {
+				port = fmt.Sprint(cp.ContainerPort)
+			}
+		}
+		url := fmt.Sprintf("http://%s/metrics", net.JoinHostPort(p.Status.HostIP, port))
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatalf("scrape %s: %v", url, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	t.Fatalf("node plugin pod %s has no HTTP readiness probe", p.Name)
+	return ""
+}
+
+// TestFencing: while one node holds a single-node volume, a second node
+// cannot have it. Kubernetes' own Multi-Attach check stops the ordinary pod
+// first, so the driver's fencing is also tested directly: a VolumeAttachment
+// for the second node (what a split-brain attach-detach controller, or a
+// forced detach race, would create) must fail in ControllerPublishVolume
+// with the holder named, and deleting it must leave the holder's claim.
 func TestFencing(t *testing.T) {
 	need(t)
+	ctx := context.Background()
 	ns := nodes(t)
 	if len(ns) < 2 {
 		t.Skipf("needs two schedulable nodes, the cluster has %d", len(ns))
 	}
 	pvc(t, "fenced", false)
-	pod(t, "holder", "fenced", false, ns[0], "sleep 600")
+	pod(t, "holder", "fenced", false, ns[0], "echo held > /data/f; sync; sleep 600")
 	waitPod(t, "holder", corev1.PodRunning, startTimeout)
 	pod(t, "intruder", "fenced", false, ns[1], "true")
-	deadline := time.Now().Add(3 * time.Minute)
-	for time.Now().Before(deadline) {
-		if ev := events("intruder"); strings.Contains(ev, "FailedAttachVolume") || strings.Contains(ev, "Multi-Attach") {
-			t.Logf("intruder refused: %s", ev)
-			return
+	for deadline := time.Now().Add(3 * time.Minute); ; {
+		if ev := events("intruder"); strings.Contains(ev, "Multi-Attach") || strings.Contains(ev, "FailedAttachVolume") {
+			t.Logf("intruder pod refused by Kubernetes: %s", ev)
+			break
 		}
-		p, _ := cs.CoreV1().Pods(namespace).Get(context.Background(), "intruder", metav1.GetOptions{})
-		if p != nil && p.Status.Phase != corev1.PodPending {
+		if p, _ := cs.CoreV1().Pods(namespace).Get(ctx, "intruder", metav1.GetOptions{}); p != nil && p.Status.Phase != corev1.PodPending {
 			t.Fatalf("intruder reached %s while another node holds the volume", p.Status.Phase)
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no attach refusal for the intruder pod within 3 min")
 		}
 		time.Sleep(2 * time.Second)
 	}
-	t.Fatal("no attach refusal for the second node within 3 min")
+
+	claim, err := cs.CoreV1().PersistentVolumeClaims(namespace).Get(ctx, "fenced", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pv := claim.Spec.VolumeName
+	va := &storagev1.VolumeAttachment{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "nbd-csi-e2e-fence-"},
+		Spec: storagev1.VolumeAttachmentSpec{Attacher: env("E2E_DRIVER_NAME", "nbd.csi.nbd-csi.io"), NodeName: ns[1],
+			Source: storagev1.VolumeAttachmentSource{PersistentVolumeName: &pv}},
+	}
+	va, err = cs.StorageV1().VolumeAttachments().Create(ctx, va, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = cs.StorageV1().VolumeAttachments().Delete(ctx, va.Name, metav1.DeleteOptions{})
+	}()
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		got, err := cs.StorageV1().VolumeAttachments().Get(ctx, va.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Status.Attached {
+			t.Fatalf("the driver attached %s to %s while %s holds it", pv, ns[1], ns[0])
+		}
+		if e := got.Status.AttachError; e != nil {
+			if !strings.Contains(e.Message, ns[0]) {
+				t.Errorf("attach error does not name the holder %s: %s", ns[0], e.Message)
+			}
+			t.Logf("driver refused the second node: %s", e.Message)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("ControllerPublishVolume for the second node neither failed nor succeeded within 2 min")
+		}
+		time.Sleep(2 * time.Second)
+	}
+	// Detaching the refused attachment unpublishes the second node only.
+	if err := cs.StorageV1().VolumeAttachments().Delete(ctx, va.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		if _, err := cs.StorageV1().VolumeAttachments().Get(ctx, va.Name, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the refused VolumeAttachment was not removed within 2 min")
+		}
+		time.Sleep(2 * time.Second)
+	}
+	if h := holders(t, claim); len(h) != 1 || h[0] != ns[0] {
+		t.Errorf("holders after the refused attachment was removed: %v, want [%s]", h, ns[0])
+	}
+	if p := waitPod(t, "holder", corev1.PodRunning, time.Minute); p.Status.Phase != corev1.PodRunning {
+		t.Errorf("holder is %s", p.Status.Phase)
+	}
+}
+
+// holders returns the nodes the NBDVolume of a bound claim lists.
+func holders(t *testing.T, claim *corev1.PersistentVolumeClaim) []string {
+	t.Helper()
+	pv, err := cs.CoreV1().PersistentVolumes().Get(context.Background(), claim.Spec.VolumeName, metav1.GetOptions{})
+	if err != nil || pv.Spec.CSI == nil {
+		t.Fatalf("PV of %s: %v", claim.Name, err)
+	}
+	l, err := dyn.Resource(schema.GroupVersionResource{Group: "nbd-csi.io", Version: "v1alpha1", Resource: "nbdvolumes"}).
+		List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range l.Items {
+		if id, _, _ := unstructured.NestedString(v.Object, "spec", "volumeID"); id != pv.Spec.CSI.VolumeHandle {
+			continue
+		}
+		hs, _, _ := unstructured.NestedSlice(v.Object, "status", "holders")
+		var nodes []string
+		for _, h := range hs {
+			if m, ok := h.(map[string]any); ok {
+				nodes = append(nodes, fmt.Sprint(m["node"]))
+			}
+		}
+		return nodes
+	}
+	t.Fatalf("no NBDVolume for volume %s", pv.Spec.CSI.VolumeHandle)
+	return nil
 }

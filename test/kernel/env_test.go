@@ -8,6 +8,8 @@ import (
 	"crypto/sha256"
 	"os"
 	"path/filepath"
+	"slices"
+	"sync"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -47,6 +49,16 @@ type node struct {
 	att      *attach.Attacher
 	kubelet  string
 	stateDir string
+
+	mu     sync.Mutex
+	events []string // supervision event kinds, as the metrics see them
+}
+
+// sawEvents returns the supervision event kinds reported so far.
+func (n *node) sawEvents() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Clone(n.events)
 }
 
 func newNode(t *testing.T) *node {
@@ -65,7 +77,12 @@ func (n *node) start() {
 	n.t.Helper()
 	ctx := context.Background()
 	n.att = attach.New(ctx, attach.Options{Device: device.Options{Module: device.ModuleOptions{Skip: true}},
-		SecretsDir: filepath.Join(n.stateDir, "tls")})
+		SecretsDir: filepath.Join(n.stateDir, "tls"),
+		OnEvent: func(_ string, e device.Event) {
+			n.mu.Lock()
+			n.events = append(n.events, e.Kind.String())
+			n.mu.Unlock()
+		}})
 	if err := n.att.Ready(ctx); err != nil {
 		n.t.Fatal(err)
 	}

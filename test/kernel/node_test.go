@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -249,6 +250,15 @@ func TestKernelNodeServerRestart(t *testing.T) {
 	w.waitRecords(t, w.records.Load()+20, 2*time.Minute)
 	got := w.finish(t)
 	t.Logf("health went degraded (%v) and back; writer acknowledged %d records", degraded, got)
+	// What the metrics count: the outage and the reconnect, and the volume
+	// healthy again.
+	ev := n.sawEvents()
+	if !slices.Contains(ev, "link-dead") || !slices.Contains(ev, "reconnected") {
+		t.Errorf("supervision events %v lack link-dead or reconnected", ev)
+	}
+	if healthy, degradedN := n.att.Health(); healthy != 1 || degradedN != 0 {
+		t.Errorf("attacher health = %d healthy, %d degraded; want 1, 0", healthy, degradedN)
+	}
 	n.unpublishUnstage("outage", target)
 }
 

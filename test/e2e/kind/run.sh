@@ -41,6 +41,12 @@ ip=$(kubectl -n nbd-e2e get service nbd-server -o jsonpath='{.spec.clusterIP}')
 	--set "storageClasses[0].name=nbd-e2e" --set "storageClasses[0].server=nbd://$ip:10809" || status=$?
 export E2E_SERVER_RESTART_CMD="kubectl -n nbd-e2e exec nbd-server -- sh -c 'kill -9 \$(cat /run/nbdkit.pid)'"
 if [ "$status" -eq 0 ]; then
-	(cd test/e2e && NBDCSI_REQUIRE_E2E=1 go test -count=1 -v -timeout 60m ${E2E_RUN:+-run "$E2E_RUN"} .) || status=$?
+	if [ "${E2E_GO:-1}" = 1 ]; then
+		(cd test/e2e && NBDCSI_REQUIRE_E2E=1 go test -count=1 -v -timeout 60m ${E2E_RUN:+-run "$E2E_RUN"} .) || status=$?
+	fi
+	# The upstream External Storage suite (E2E_STORAGE=0 leaves it out).
+	if [ "${E2E_STORAGE:-1}" = 1 ]; then
+		test/e2e/storage/run.sh || status=$?
+	fi
 fi
 exit "$status"

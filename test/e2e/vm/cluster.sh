@@ -2,16 +2,19 @@
 # The e2e "vm" cluster provider, for hosts whose kernel has no nbd module or
 # that run no Docker: the control plane (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler) runs as processes on the host;
-# one worker node boots Debian's cloud kernel (which has nbd.ko) under QEMU
-# from a Debian root filesystem with containerd, kubelet and kube-proxy, and
-# joins over a private tap network (host 10.99.0.1, node 10.99.0.2).
+# E2E_NODES worker nodes (default 2: fencing and cross-node tests need two)
+# boot Debian's cloud kernel (which has nbd.ko) under QEMU from one Debian
+# root filesystem with containerd, kubelet and kube-proxy, and join over a
+# private bridge (host 10.99.0.1, node N at 10.99.0.(1+N), named vmnodeN).
+# Each node runs on a copy-on-write overlay of the shared disk; its identity
+# (name, address, kubelet certificates, pod subnet) is a tar on a second disk.
 # Everything is built from Debian's apt and the Go module proxy, cached in
 # .cache/e2e; images are built locally and baked into the node.
 #
 #   test/e2e/vm/cluster.sh build    # binaries, root filesystem, images (cached)
 #   test/e2e/vm/cluster.sh up       # start the cluster; prints KUBECONFIG=…
-#   test/e2e/vm/cluster.sh sh CMD   # run CMD on the node
-#   test/e2e/vm/cluster.sh load TAR # import an image tar into the running node
+#   test/e2e/vm/cluster.sh sh CMD   # run CMD on node E2E_NODE (default 1)
+#   test/e2e/vm/cluster.sh load TAR # import an image tar into every node
 #   test/e2e/vm/cluster.sh logs DIR # collect logs (host components and node)
 #   test/e2e/vm/cluster.sh down     # stop everything, remove the tap device
 #
@@ -23,13 +26,15 @@ ROOT=$PWD
 E2E=${E2E_CACHE:-$ROOT/.cache/e2e}
 RUN=$E2E/run
 FILES=$ROOT/test/e2e/vm/files
-TAP=${E2E_TAP:-nbdcsie2e0}
+BRIDGE=${E2E_BRIDGE:-nbdcsie2e0}
 HOST_IP=10.99.0.1
-NODE_IP=10.99.0.2
-NODE=vmnode
+NODES=${E2E_NODES:-2}
 APISERVER_PORT=6443
-MEM=${E2E_VM_MEM:-4096}
+MEM=${E2E_VM_MEM:-3072}
 CPUS=${E2E_VM_CPUS:-2}
+node_name() { echo "vmnode$1"; }
+node_ip() { echo "10.99.0.$((1 + $1))"; }
+node_tap() { echo "${BRIDGE%0}$1"; }
 
 log() { echo "[vm-cluster $(date +%T)] $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -88,11 +93,28 @@ build_images() {
 		mkimage -name registry.k8s.io/pause:3.10.1 -rootfs "$work/pause" -entrypoint '["/pause"]' -out "$img/pause.tar"
 	fi
 	# busybox for the test pods.
+	mkdir -p "$work/busybox/bin" "$work/busybox/tmp"
+	cp /bin/busybox "$work/busybox/bin/busybox"
+	for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$work/busybox/bin/$a"; done
 	if [ ! -f "$img/busybox.tar" ]; then
-		mkdir -p "$work/busybox/bin" "$work/busybox/tmp"
-		cp /bin/busybox "$work/busybox/bin/busybox"
-		for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$work/busybox/bin/$a"; done
 		mkimage -name nbd-csi-e2e/busybox:1 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/busybox.tar"
+	fi
+	# The images the upstream External Storage suite runs, under the names
+	# it asks for: its busybox, agnhost (built from the module proxy) on
+	# busybox, and for nginx a stand-in (busybox httpd serving the same
+	# directory; the suite only runs shell commands in it).
+	if [ ! -f "$img/e2e-busybox.tar" ]; then
+		mkimage -name registry.k8s.io/e2e-test-images/busybox:1.37.0-1 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/e2e-busybox.tar"
+	fi
+	if [ ! -f "$img/e2e-agnhost.tar" ]; then
+		mkdir -p "$work/agnhost"; cp -a "$work/busybox/." "$work/agnhost/"
+		cp "$(hack/kube-build.sh agnhost)" "$work/agnhost/agnhost"
+		mkimage -name registry.k8s.io/e2e-test-images/agnhost:2.56 -rootfs "$work/agnhost" -entrypoint '["/agnhost"]' -cmd '["pause"]' -out "$img/e2e-agnhost.tar"
+	fi
+	if [ ! -f "$img/e2e-nginx.tar" ]; then
+		mkdir -p "$work/nginx"; cp -a "$work/busybox/." "$work/nginx/"; mkdir -p "$work/nginx/usr/share/nginx/html"
+		mkimage -name registry.k8s.io/e2e-test-images/nginx:1.14-4 -rootfs "$work/nginx" \
+			-entrypoint '["/bin/httpd","-f","-p","80","-h","/usr/share/nginx/html"]' -out "$img/e2e-nginx.tar"
 	fi
 	# registrar stand-in (the upstream image cannot be fetched here).
 	if [ ! -f "$img/registrar.tar" ]; then
@@ -167,10 +189,14 @@ pki() {
 	cert kcm "/CN=system:kube-controller-manager"
 	cert scheduler "/CN=system:kube-scheduler"
 	cert proxy "/CN=system:kube-proxy"
-	cert node "/O=system:nodes/CN=system:node:$NODE"
-	cert kubelet "/CN=$NODE" "IP:$NODE_IP,DNS:$NODE"
-	for who in admin kcm scheduler proxy node; do
+	local who i
+	for who in admin kcm scheduler proxy; do
 		kubeconfig "$who" > "$who.kubeconfig"
+	done
+	for i in $(seq "$NODES"); do
+		cert "node$i" "/O=system:nodes/CN=system:node:$(node_name "$i")"
+		cert "kubelet$i" "/CN=$(node_name "$i")" "IP:$(node_ip "$i"),DNS:$(node_name "$i")"
+		kubeconfig "node$i" > "node$i.kubeconfig"
 	done
 	cd "$ROOT"
 }
@@ -259,16 +285,14 @@ node_disk() {
 	rm -f "$rf"/etc/cni/net.d/*
 	cp "$FILES/10-bridge.conflist" "$rf/etc/cni/net.d/"
 	cp "$FILES/kubelet.yaml" "$rf/etc/kubernetes/kubelet.yaml"
-	cp "$RUN/pki/ca.crt" "$RUN/pki/kubelet.crt" "$RUN/pki/kubelet.key" "$rf/etc/kubernetes/pki/"
-	cp "$RUN/pki/node.kubeconfig" "$rf/etc/kubernetes/kubelet.kubeconfig"
+	cp "$RUN/pki/ca.crt" "$rf/etc/kubernetes/pki/"
 	cp "$RUN/pki/proxy.kubeconfig" "$rf/etc/kubernetes/kube-proxy.kubeconfig"
 	cp "$E2E"/images/*.tar "$rf/opt/images/"
-	echo "$NODE" > "$rf/etc/hostname"
 	: > "$rf/etc/kubelet-resolv.conf"
-	printf 'NODE_IP=%s\nGATEWAY=%s\n' "$NODE_IP" "$HOST_IP" > "$rf/etc/rig.env"
-	systemd-machine-id-setup --root="$rf" >/dev/null 2>&1 || head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$rf/etc/machine-id"
 	mkfs.ext4 -q -F -L e2eroot -d "$rf" "$RUN/node.img" 8G
 	rm -rf "$rf"
+	local i
+	for i in $(seq "$NODES"); do node_identity "$i"; done
 	# initramfs: busybox and the virtio modules.
 	local ir=$RUN/initramfs
 	rm -rf "$ir"; mkdir -p "$ir/bin" "$ir/modules"
@@ -285,38 +309,66 @@ node_disk() {
 	echo "$VMLINUZ" > "$RUN/vmlinuz"
 }
 
-tap_up() {
-	ip link show "$TAP" >/dev/null 2>&1 || ip tuntap add dev "$TAP" mode tap
-	ip addr replace "$HOST_IP/24" dev "$TAP"
-	ip link set "$TAP" up
+# node_identity N: node N's overlay of the shared disk and the tar (read by
+# vminit from /dev/vdb) that makes it vmnodeN: name, address, kubelet
+# certificates and kubeconfig, its own pod subnet, machine id.
+node_identity() {
+	local i=$1 d=$RUN/node$i
+	rm -rf "$d"; mkdir -p "$d/etc/kubernetes/pki" "$d/etc/cni/net.d"
+	qemu-img create -q -f qcow2 -F raw -b "$RUN/node.img" "$RUN/node$i.qcow2"
+	node_name "$i" > "$d/etc/hostname"
+	printf 'NODE_IP=%s\nGATEWAY=%s\n' "$(node_ip "$i")" "$HOST_IP" > "$d/etc/rig.env"
+	cp "$RUN/pki/kubelet$i.crt" "$d/etc/kubernetes/pki/kubelet.crt"
+	cp "$RUN/pki/kubelet$i.key" "$d/etc/kubernetes/pki/kubelet.key"
+	cp "$RUN/pki/node$i.kubeconfig" "$d/etc/kubernetes/kubelet.kubeconfig"
+	sed "s#10.244.0.0/24#10.244.$i.0/24#" "$FILES/10-bridge.conflist" > "$d/etc/cni/net.d/10-bridge.conflist"
+	head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$d/etc/machine-id"
+	tar -C "$d" -cf "$RUN/node$i.id.tar" etc
+	rm -rf "$d"
+}
+
+net_up() {
+	ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+	ip addr replace "$HOST_IP/24" dev "$BRIDGE"
+	ip link set "$BRIDGE" up
+	local i tap
+	for i in $(seq "$NODES"); do
+		tap=$(node_tap "$i")
+		ip link show "$tap" >/dev/null 2>&1 || ip tuntap add dev "$tap" mode tap
+		ip link set "$tap" master "$BRIDGE" up
+	done
 }
 
 boot_node() {
-	log "booting the node (QEMU, TCG)"
-	local accel=tcg,thread=multi
+	local i=$1 accel=tcg,thread=multi
 	[ -w /dev/kvm ] && accel=kvm
-	start_bg qemu qemu-system-x86_64 -m "$MEM" -smp "$CPUS" -accel "$accel" -cpu max -display none -no-reboot \
+	log "booting $(node_name "$i") (QEMU, ${accel%%,*})"
+	start_bg "qemu$i" qemu-system-x86_64 -m "$MEM" -smp "$CPUS" -accel "$accel" -cpu max -display none -no-reboot \
 		-kernel "$(cat "$RUN/vmlinuz")" -initrd "$RUN/initrd.img" \
 		-append "console=ttyS0 root=/dev/vda rw panic=-1 quiet" \
-		-drive "file=$RUN/node.img,if=virtio,format=raw,cache=unsafe" \
-		-netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" -device virtio-net-pci,netdev=n0 \
-		-device virtio-rng-pci -serial "file:$RUN/logs/console.log" -monitor none
+		-drive "file=$RUN/node$i.qcow2,if=virtio,format=qcow2,cache=unsafe" \
+		-drive "file=$RUN/node$i.id.tar,if=virtio,format=raw,readonly=on" \
+		-netdev "tap,id=n0,ifname=$(node_tap "$i"),script=no,downscript=no" \
+		-device "virtio-net-pci,netdev=n0,mac=52:54:00:99:00:$(printf %02x "$((1 + i))")" \
+		-device virtio-rng-pci -serial "file:$RUN/logs/console$i.log" -monitor none
 }
 
 
+# wait_ready N START: waits until node N is Ready (START: $SECONDS at boot).
 wait_ready() {
-	local i start=$SECONDS
-	for i in $(seq 600); do
+	local n=$1 start=$2 name _
+	name=$(node_name "$n")
+	for _ in $(seq 900); do
 		if curl -sfk --cert "$RUN/pki/admin.crt" --key "$RUN/pki/admin.key" \
-			"https://$HOST_IP:$APISERVER_PORT/api/v1/nodes/$NODE" 2>/dev/null |
+			"https://$HOST_IP:$APISERVER_PORT/api/v1/nodes/$name" 2>/dev/null |
 			python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n["status"]["conditions"]) else 1)' 2>/dev/null; then
-			log "node $NODE Ready after $((SECONDS - start)) s"
+			log "node $name Ready after $((SECONDS - start)) s"
 			return 0
 		fi
-		kill -0 "$(cat "$RUN/pids/qemu")" 2>/dev/null || die "QEMU exited: $(tail -20 "$RUN/logs/console.log")"
+		kill -0 "$(cat "$RUN/pids/qemu$n")" 2>/dev/null || die "QEMU of $name exited: $(tail -20 "$RUN/logs/console$n.log")"
 		sleep 1
 	done
-	die "node not Ready after 600 s; console: $(tail -20 "$RUN/logs/console.log")"
+	die "$name not Ready after 900 s; console: $(tail -20 "$RUN/logs/console$n.log")"
 }
 
 up() {
@@ -325,11 +377,12 @@ up() {
 	down >/dev/null 2>&1 || true
 	rm -rf "$RUN"; mkdir -p "$RUN/logs" "$RUN/pids"
 	pki
-	tap_up # the API server binds to the tap's address
+	net_up # the API server binds to the bridge's address
 	control_plane
 	node_disk
-	boot_node
-	wait_ready
+	local i start=$SECONDS
+	for i in $(seq "$NODES"); do boot_node "$i"; done
+	for i in $(seq "$NODES"); do wait_ready "$i" "$start"; done
 	cp "$RUN/pki/admin.kubeconfig" "$RUN/kubeconfig"
 	echo "KUBECONFIG=$RUN/kubeconfig"
 }
@@ -346,18 +399,24 @@ down() {
 		kill -9 "$(cat "$f")" 2>/dev/null || true
 		rm -f "$f"
 	done
-	ip link del "$TAP" 2>/dev/null || true
+	local l
+	for l in $(ip -o link show master "$BRIDGE" 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1); do
+		ip link del "$l" 2>/dev/null || true
+	done
+	ip link del "$BRIDGE" 2>/dev/null || true
 	log "down"
 }
 
-node_sh() { printf '%s\n' "$*" | socat -t 600 - "TCP:$NODE_IP:2222"; }
+node_sh() { printf '%s\n' "$*" | socat -t 600 - "TCP:$(node_ip "${E2E_NODE:-1}"):2222"; }
 
-# load TAR...: imports images into the running node's containerd (like
-# kind load): the node's shell reads the command line, ctr the rest.
+# load TAR...: imports images into every node's containerd (like kind
+# load): the node's shell reads the command line, ctr the rest.
 load() {
-	local t
+	local t i
 	for t in "$@"; do
-		{ printf 'ctr -n k8s.io images import -\n'; cat "$t"; } | socat -t 600 - "TCP:$NODE_IP:2222"
+		for i in $(seq "$NODES"); do
+			{ printf 'ctr -n k8s.io images import -\n'; cat "$t"; } | socat -t 600 - "TCP:$(node_ip "$i"):2222"
+		done
 	done
 }
 
@@ -365,8 +424,11 @@ collect_logs() {
 	local out=${1:-$RUN/collected}
 	mkdir -p "$out"
 	cp "$RUN"/logs/*.log "$out/" 2>/dev/null || true
-	for f in kubelet containerd kube-proxy images; do
-		node_sh "cat /var/log/$f.log" > "$out/node-$f.log" 2>/dev/null || true
+	local f i
+	for i in $(seq "$NODES"); do
+		for f in kubelet containerd kube-proxy images; do
+			E2E_NODE=$i node_sh "cat /var/log/$f.log" > "$out/$(node_name "$i")-$f.log" 2>/dev/null || true
+		done
 	done
 	curl -sfk --cert "$RUN/pki/admin.crt" --key "$RUN/pki/admin.key" "https://$HOST_IP:$APISERVER_PORT/api/v1/pods" > "$out/pods.json" 2>&1 || true
 	log "logs in $out"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The e2e pool for the vm provider: nbdkit's file plugin serving every file
-# of a directory as an export, on the host side of the tap network
-# (nbd://10.99.0.1:10809). start | stop | restart (restart keeps the files:
+# of a directory as an export, on the host side of the e2e network
+# (nbd://10.99.0.1:10809), on the bridge the nodes share. start | stop | restart (restart keeps the files:
 # what the server-outage test needs).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -14,7 +14,7 @@ EXPORTS=${E2E_EXPORTS:-12}
 start() {
 	mkdir -p "$POOL" "$RUN/pids" "$RUN/logs"
 	if [ -z "$(ls "$POOL")" ]; then
-		for i in $(seq -w 1 "$EXPORTS"); do truncate -s 256M "$POOL/disk$i"; done
+		for i in $(seq -w 1 "$EXPORTS"); do truncate -s "${E2E_EXPORT_SIZE:-512M}" "$POOL/disk$i"; done
 	fi
 	# nbdkit daemonizes itself and writes its pid file.
 	nbdkit -P "$PID" -i "$ADDR" -p 10809 file dir="$POOL" >>"$RUN/logs/nbdkit.log" 2>&1 < /dev/null

@@ -1,0 +1,99 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package metrics is nbd-csi's Prometheus instrumentation: CSI calls
+// (count by method and gRPC code, latency by method), NBD connection events
+// of the node's supervised devices, and gauges the services compute when
+// scraped (volumes attached and degraded on a node, exports by phase in the
+// controller's inventory). `nbd-csi serve --health-address` serves it at
+// /metrics; docs/operations.md lists every series.
+package metrics
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+)
+
+// Namespace prefixes every series.
+const Namespace = "nbdcsi"
+
+// Registry holds one process's series.
+type Registry struct {
+	reg      *prometheus.Registry
+	calls    *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	events   *prometheus.CounterVec
+}
+
+// New returns a registry with the CSI call and connection event series and
+// the Go runtime and process collectors.
+func New() *Registry {
+	r := &Registry{
+		reg: prometheus.NewRegistry(),
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "csi_calls_total",
+			Help: "CSI calls served, by method and gRPC status code."}, []string{"method", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "csi_call_duration_seconds",
+			Help:    "Time to serve a CSI call, by method.",
+			Buckets: []float64{0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"method"}),
+		events: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "node_connection_events_total",
+			Help: "Events of the node's NBD connection supervision (link-dead, reconnected, redial-failed, gave-up, ...)."}, []string{"event"}),
+	}
+	r.reg.MustRegister(r.calls, r.duration, r.events,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return r
+}
+
+// Interceptor counts and times every unary CSI call.
+func (r *Registry) Interceptor() grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		method := info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:]
+		start := time.Now()
+		resp, err := handler(ctx, req)
+		r.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())
+		r.calls.WithLabelValues(method, status.Code(err).String()).Inc()
+		return resp, err
+	}
+}
+
+// ConnectionEvent counts one supervision event of kind (e.g. "link-dead").
+func (r *Registry) ConnectionEvent(kind string) { r.events.WithLabelValues(kind).Inc() }
+
+// Gauges registers a gauge family whose values fn computes at scrape time,
+// one series per key of the map fn returns (the label's value). fn gets a
+// context that ends after 5 s; an error leaves the family out of that
+// scrape (and the scrape reports it).
+func (r *Registry) Gauges(name, help, label string, fn func(context.Context) (map[string]float64, error)) {
+	r.reg.MustRegister(&gaugeFunc{desc: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "", name), help, []string{label}, nil), fn: fn})
+}
+
+// Handler serves the registry in the Prometheus text format.
+func (r *Registry) Handler() http.Handler {
+	return promhttp.HandlerFor(r.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+}
+
+type gaugeFunc struct {
+	desc *prometheus.Desc
+	fn   func(context.Context) (map[string]float64, error)
+}
+
+func (g *gaugeFunc) Describe(ch chan<- *prometheus.Desc) { ch <- g.desc }
+
+func (g *gaugeFunc) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	values, err := g.fn(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(g.desc, err)
+		return
+	}
+	for k, v := range values {
+		ch <- prometheus.MustNewConstMetric(g.desc, prometheus.GaugeValue, v, k)
+	}
+}
