@@ -46,6 +46,11 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	if params.URI.TLS() && tlsOpts == nil {
 		tlsOpts = &nbd.TLSOptions{}
 	}
+	// A node whose kernel cannot attach says so at once (the kubelet puts
+	// it in the pod's events) instead of failing deeper with a vaguer error.
+	if err := s.attacher.Ready(ctx); err != nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "node %s cannot attach NBD devices: %v", s.opts.NodeID, err)
+	}
 	if !s.volumes.TryAcquire(volumeID) {
 		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", volumeID)
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -118,6 +119,23 @@ func TestNodeStageValidation(t *testing.T) {
 				t.Fatalf("code = %v (%v), want %v", code(err), err, tt.want)
 			}
 		})
+	}
+}
+
+// TestNodeStageNotReady: a node whose kernel cannot attach refuses to
+// stage with FailedPrecondition and the reason, and stages once it can.
+func TestNodeStageNotReady(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	e.att.ReadyErr = errors.New("nbd kernel support: kernel has no nbd support")
+	_, err := e.svc.NodeStageVolume(ctx, e.stageReq("vol1"))
+	if code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cannot attach NBD devices") ||
+		!strings.Contains(err.Error(), "no nbd support") {
+		t.Fatalf("stage on a node without nbd: %v, want FailedPrecondition with the reason", err)
+	}
+	e.att.ReadyErr = nil
+	if _, err := e.svc.NodeStageVolume(ctx, e.stageReq("vol1")); err != nil {
+		t.Fatalf("stage once ready: %v", err)
 	}
 }
 

@@ -99,6 +99,26 @@ func container(t *testing.T, o object, name string) map[string]any {
 	return nil
 }
 
+// TestChartE2EValues: the values files the e2e providers install with
+// pass the schema and select the images they build.
+func TestChartE2EValues(t *testing.T) {
+	for file, image := range map[string]string{
+		"../../e2e/values-vm.yaml":        "nbd-csi-e2e/attacher:v4.13.0",
+		"../../e2e/kind/values-rig.yaml": "registry.k8s.io/sig-storage/csi-attacher:v4.13.0",
+	} {
+		objs := render(t, file)
+		dep := objs["Deployment/nbd-csi-controller"]
+		if got := container(t, dep, "csi-attacher")["image"]; got != image {
+			t.Errorf("%s: csi-attacher image %v, want %s", file, got, image)
+		}
+		for _, c := range get(dep, "spec", "template", "spec", "containers").([]any) {
+			if c.(map[string]any)["name"] == "csi-resizer" {
+				t.Errorf("%s: csi-resizer runs, but its image cannot be built there", file)
+			}
+		}
+	}
+}
+
 func TestChartLint(t *testing.T) {
 	bin, chart := helm(t)
 	if out, err := exec.Command(bin, "lint", "--strict", chart).CombinedOutput(); err != nil {

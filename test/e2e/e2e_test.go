@@ -86,10 +86,59 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// noNBD: the nodes' kernel has no nbd (kind on such a host,
+// E2E_EXPECT_NO_NBD=1); only TestNodeWithoutNBD runs then.
+var noNBD = os.Getenv("E2E_EXPECT_NO_NBD") == "1"
+
 func need(t *testing.T) {
 	t.Helper()
 	if cs == nil {
 		t.Skip("no cluster (KUBECONFIG)")
+	}
+	if noNBD {
+		t.Skip("the nodes have no nbd (E2E_EXPECT_NO_NBD=1)")
+	}
+}
+
+// TestNodeWithoutNBD, on a cluster whose nodes cannot attach (their kernel
+// has no nbd): the driver says so itself and nothing hangs. The node
+// plugin is not Ready and its /readyz gives the reason; a pod using a
+// volume gets a FailedMount event naming the cause within minutes.
+func TestNodeWithoutNBD(t *testing.T) {
+	if cs == nil {
+		t.Skip("no cluster (KUBECONFIG)")
+	}
+	if !noNBD {
+		t.Skip("for clusters whose nodes have no nbd (E2E_EXPECT_NO_NBD=1)")
+	}
+	ctx := context.Background()
+	l, err := cs.CoreV1().Pods(driverNamespace()).List(ctx, metav1.ListOptions{LabelSelector: "app=nbd-csi-node"})
+	if err != nil || len(l.Items) == 0 {
+		t.Fatalf("node plugin pods: %v", err)
+	}
+	for _, p := range l.Items {
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+				t.Errorf("node plugin %s on %s is Ready on a node without nbd", p.Name, p.Spec.NodeName)
+			}
+		}
+		if body := nodeHTTP(t, p.Spec.NodeName, "/readyz"); !strings.Contains(body, "nbd") {
+			t.Errorf("/readyz of %s: %q, want the reason naming nbd", p.Name, body)
+		} else {
+			t.Logf("%s /readyz: %s", p.Spec.NodeName, strings.TrimSpace(body))
+		}
+	}
+	pvc(t, "nonbd", false)
+	pod(t, "stuck", "nonbd", false, "", "true")
+	for deadline := time.Now().Add(4 * time.Minute); ; {
+		if ev := events("stuck"); strings.Contains(ev, "cannot attach NBD devices") {
+			t.Logf("pod events:\n%s", ev)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no FailedMount event naming the cause within 4 min; events:\n%s", events("stuck"))
+		}
+		time.Sleep(3 * time.Second)
 	}
 }
 
@@ -380,8 +429,12 @@ func TestServerRestartWhileWriting(t *testing.T) {
 	}
 }
 
-// nodeMetrics scrapes the node plugin on node through its readiness port.
-func nodeMetrics(t *testing.T, node string) string {
+// nodeMetrics scrapes the node plugin on node.
+func nodeMetrics(t *testing.T, node string) string { return nodeHTTP(t, node, "/metrics") }
+
+// nodeHTTP GETs path from the node plugin on node through its health port
+// (host network), whatever the status code.
+func nodeHTTP(t *testing.T, node, path string) string {
 	t.Helper()
 	l, err := cs.CoreV1().Pods(driverNamespace()).List(context.Background(), metav1.ListOptions{LabelSelector: "app=nbd-csi-node",
 		FieldSelector: "spec.nodeName=" + node})
@@ -399,7 +452,7 @@ func nodeMetrics(t *testing.T, node string) string {
 				port = fmt.Sprint(cp.ContainerPort)
 			}
 		}
-		url := fmt.Sprintf("http://%s/metrics", net.JoinHostPort(p.Status.HostIP, port))
+		url := fmt.Sprintf("http://%s%s", net.JoinHostPort(p.Status.HostIP, port), path)
 		resp, err := http.Get(url)
 		if err != nil {
 			t.Fatalf("scrape %s: %v", url, err)

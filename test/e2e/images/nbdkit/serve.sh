@@ -7,7 +7,7 @@ mkdir -p /pool
 i=1
 while [ "$i" -le "${EXPORTS:-12}" ]; do
 	f=/pool/disk$(printf %02d "$i")
-	[ -e "$f" ] || truncate -s "${SIZE:-256M}" "$f"
+	[ -e "$f" ] || truncate -s "${SIZE:-512M}" "$f"
 	i=$((i + 1))
 done
 while :; do
