@@ -1,31 +1,41 @@
-# nbd-csi image: one binary serving the controller (non-root) and the node
-# plugin (privileged, set by the chart). Build: make image.
-#
 # syntax=docker/dockerfile:1
+# nbd-csi image: one binary serving the controller (non-root) and the node
+# plugin (privileged, set by the chart). Build: make image (VERSION, COMMIT
+# and IMAGE come from git; docs/install.md).
+#
+# Reproducible as far as the inputs are pinned: the Go toolchain by
+# GO_VERSION, the modules by go.sum, the binary built with -trimpath and
+# without VCS stamping (version and commit come from build args), no build
+# timestamps. The Debian packages are whatever bookworm serves on the day;
+# pin the base images by digest (--build-arg) for bit-identical rebuilds.
 ARG GO_VERSION=1.26
-FROM golang:${GO_VERSION}-bookworm AS build
+ARG GO_IMAGE=golang:${GO_VERSION}-bookworm
+ARG BASE_IMAGE=debian:bookworm-slim
+
+FROM ${GO_IMAGE} AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-ARG SOURCE_DATE_EPOCH=0
+ARG COMMIT=unknown
 RUN CGO_ENABLED=0 go build -trimpath -buildvcs=false \
-	-ldflags "-s -w -X main.version=${VERSION}" -o /out/nbd-csi ./cmd/nbd-csi
+	-ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/nbd-csi ./cmd/nbd-csi
 
-FROM debian:bookworm-slim
+FROM ${BASE_IMAGE}
 ARG VERSION=dev
 ARG COMMIT=unknown
 LABEL org.opencontainers.image.title="nbd-csi" \
 	org.opencontainers.image.description="Kubernetes CSI driver for NBD (Network Block Device) exports" \
+	org.opencontainers.image.source="https://github.com/nbd-csi/nbd-csi" \
 	org.opencontainers.image.licenses="Apache-2.0" \
 	org.opencontainers.image.version="${VERSION}" \
 	org.opencontainers.image.revision="${COMMIT}"
-# mkfs/blkid/resize (e2fsprogs, xfsprogs), mount/umount (util-linux, mount),
-# modprobe (kmod).
+# mkfs/fsck/blkid/resize (e2fsprogs, xfsprogs), mount/umount (mount,
+# util-linux), modprobe (kmod).
 RUN apt-get update && apt-get install -y --no-install-recommends \
 		e2fsprogs xfsprogs util-linux mount kmod ca-certificates \
-	&& rm -rf /var/lib/apt/lists/*
+	&& rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/ldconfig/aux-cache
 COPY --from=build /out/nbd-csi /usr/bin/nbd-csi
 # The controller runs as this user; the node DaemonSet runs as root,
 # privileged (it attaches kernel devices and mounts).

@@ -5,7 +5,9 @@ SHELL        := /bin/bash
 GO           ?= go
 BIN          := bin
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS      := -X main.version=$(VERSION)
+IMAGE        ?= ghcr.io/nbd-csi/nbd-csi:$(VERSION)
+COMMIT       ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LDFLAGS      := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 FUZZTIME     ?= 5s
 # Fuzz targets run briefly by `make test`: package:target pairs.
 FUZZ_TARGETS := \
@@ -83,7 +85,7 @@ generate:
 
 ## image: the container image (needs a Docker engine)
 image:
-	docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$$(git rev-parse HEAD) -t ghcr.io/nbd-csi/nbd-csi:$(VERSION) .
+	docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
 
 clean:
 	rm -rf $(BIN) build

@@ -141,3 +141,19 @@ func TestCLIExports(t *testing.T) {
 		t.Errorf("exports table (exit %d):\n%s", code, out)
 	}
 }
+
+// TestCLIVersion: version prints what was stamped at build time.
+func TestCLIVersion(t *testing.T) {
+	defer func(v, c string) { version, commit = v, c }(version, commit)
+	version, commit = "v1.2.3", "0123abcd"
+	var out, errOut strings.Builder
+	if code := run(context.Background(), []string{"version"}, &out, &errOut); code != 0 {
+		t.Fatalf("version: exit %d, %s", code, errOut.String())
+	}
+	if got := out.String(); !strings.HasPrefix(got, "nbd-csi v1.2.3 (commit 0123abcd, go") {
+		t.Errorf("version printed %q", got)
+	}
+	if code := run(context.Background(), []string{"version", "extra"}, &out, &errOut); code == 0 {
+		t.Error("version with an argument succeeded")
+	}
+}

@@ -6,12 +6,14 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"runtime"
 	"runtime/debug"
 )
 
-// version is stamped at build time with -ldflags "-X main.version=…"; when
-// it is not, the module version from the build info is used.
-var version = ""
+// version and commit are stamped at build time with -ldflags
+// "-X main.version=… -X main.commit=…" (make build, the Dockerfile); without
+// them the build info's module version and VCS revision are used.
+var version, commit = "", ""
 
 // Version returns the version of this binary.
 func Version() string {
@@ -24,10 +26,26 @@ func Version() string {
 	return "(devel)"
 }
 
+// Commit returns the source revision this binary was built from, or
+// "unknown".
+func Commit() string {
+	if commit != "" {
+		return commit
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && s.Value != "" {
+				return s.Value
+			}
+		}
+	}
+	return "unknown"
+}
+
 func runVersion(_ context.Context, args []string, stdout io.Writer) error {
 	if len(args) != 0 {
 		return fmt.Errorf("%w: version takes no arguments", errUsage)
 	}
-	_, err := fmt.Fprintf(stdout, "nbd-csi %s\n", Version())
+	_, err := fmt.Fprintf(stdout, "nbd-csi %s (commit %s, %s)\n", Version(), Commit(), runtime.Version())
 	return err
 }
