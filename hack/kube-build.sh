@@ -22,11 +22,22 @@ flags_for() {
 	esac
 }
 
+# Two generated modules: src for the commands (what make test needs) and
+# src-e2e for e2e.test and agnhost (what make e2e needs), so that the test
+# suite's dependencies never weigh on make test.
 prepared=""
-prepare() {
-	[ -n "$prepared" ] && return
-	prepared=1
-	if [ -f "$src/go.sum" ] && [ "$(cat "$src/version" 2>/dev/null)" = "$K8S_VERSION $(cat hack/kube/*.in | sha256sum | cut -c1-16)" ]; then
+prepare() { # prepare src|src-e2e
+	local name=$1 files key
+	case $name in
+	src) files="hack/kube/go.mod.in hack/kube/tools.go.in" ;;
+	src-e2e) files="hack/kube/go.mod.in hack/kube/e2e-tools.go.in hack/kube/e2e_test.go.in" ;;
+	esac
+	src=$dir/$name
+	case " $prepared " in *" $name "*) return ;; esac
+	prepared="$prepared $name"
+	# shellcheck disable=SC2086
+	key="$K8S_VERSION $(cat $files | sha256sum | cut -c1-16)"
+	if [ -f "$src/go.sum" ] && [ "$(cat "$src/version" 2>/dev/null)" = "$key" ]; then
 		return
 	fi
 	echo "kube-build: preparing the k8s.io/kubernetes $K8S_VERSION module in $src" >&2
@@ -39,11 +50,16 @@ prepare() {
 	staging=v0${K8S_VERSION#v1}
 	replaces=$(grep -E '^[[:space:]]+k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$staging" '{print "\t"$1" => "$1" "v}')
 	awk -v ver="$K8S_VERSION" -v rep="$replaces" '{gsub("@K8S_VERSION@", ver); if ($0 == "@REPLACES@") print rep; else print}' hack/kube/go.mod.in > "$src/go.mod"
-	cp hack/kube/tools.go.in "$src/tools.go"
-	mkdir -p "$src/e2e"
-	cp hack/kube/e2e_test.go.in "$src/e2e/e2e_test.go"
+	case $name in
+	src) cp hack/kube/tools.go.in "$src/tools.go" ;;
+	src-e2e)
+		cp hack/kube/e2e-tools.go.in "$src/tools.go"
+		mkdir -p "$src/e2e"
+		cp hack/kube/e2e_test.go.in "$src/e2e/e2e_test.go"
+		;;
+	esac
 	(cd "$src" && GOFLAGS=-mod=mod go mod tidy >&2)
-	echo "$K8S_VERSION $(cat hack/kube/*.in | sha256sum | cut -c1-16)" > "$src/version"
+	echo "$key" > "$src/version"
 }
 
 minor=$(echo "$K8S_VERSION" | cut -d. -f2)
@@ -57,7 +73,7 @@ for cmd in "$@"; do
 	gcflags=$(flags_for "$cmd")
 	id="$K8S_VERSION $gcflags"
 	if [ ! -x "$bin" ] || [ "$(cat "$bin.version" 2>/dev/null)" != "$id" ]; then
-		prepare
+		case $cmd in e2e.test | agnhost) prepare src-e2e ;; *) prepare src ;; esac
 		echo "kube-build: building $cmd $K8S_VERSION ${gcflags:+($gcflags) }from the Go module proxy (once)" >&2
 		start=$(date +%s)
 		case $cmd in
