@@ -104,7 +104,7 @@ func container(t *testing.T, o object, name string) map[string]any {
 func TestChartE2EValues(t *testing.T) {
 	for file, image := range map[string]string{
 		"../../e2e/values-vm.yaml":       "nbd-csi-e2e/attacher:v4.13.0",
-		"../../e2e/kind/values-rig.yaml": "registry.k8s.io/sig-storage/csi-attacher:v4.13.0",
+		"../../e2e/kind/values-rig.yaml": "nbd-csi-e2e/attacher:v4.13.0",
 	} {
 		objs := render(t, file)
 		dep := objs["Deployment/nbd-csi-controller"]

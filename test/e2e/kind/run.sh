@@ -2,9 +2,9 @@
 # The kind provider of make e2e: what upstream CI and most users run.
 # kind nodes share the host's kernel, so the host needs nbd
 # (`sudo modprobe nbd`). Honours KIND_NODE_IMAGE and DOCKER_HOST, so it
-# runs unchanged with upstream images and with the offline rig of
-# ../shared/k8s-rig (eval "$(./rig env)"; E2E_VALUES=test/e2e/kind/values-rig.yaml
-# selects the sidecar images the rig builds).
+# runs unchanged with upstream images and with an offline node image such
+# as the one of ../shared/k8s-rig (test/e2e/README.md: the sidecar and test
+# images then come from E2E_LOAD_ARCHIVES, selected by E2E_VALUES).
 #
 # On a host without nbd, E2E_EXPECT_NO_NBD=1 still installs the driver and
 # runs TestNodeWithoutNBD only: the node plugin must say why it cannot
@@ -46,9 +46,11 @@ export KUBECONFIG=$PWD/.cache/e2e/kind.kubeconfig
 mkdir -p .cache/e2e
 "$KIND" get kubeconfig --name "$NAME" > "$KUBECONFIG"
 "$KIND" load docker-image --name "$NAME" nbd-csi-e2e/nbd-csi:e2e nbd-csi-e2e/nbdkit:e2e
-# Images the tests run, when the host has them (the offline rig builds
-# them; elsewhere the nodes pull them).
+# Images the tests run, when the host has them (elsewhere the nodes pull
+# them): E2E_LOAD_IMAGES names images in Docker, E2E_LOAD_ARCHIVES image
+# tars (e.g. the ones test/e2e/vm/cluster.sh build makes in .cache/e2e/images).
 for img in ${E2E_LOAD_IMAGES:-}; do "$KIND" load docker-image --name "$NAME" "$img"; done
+for tar in ${E2E_LOAD_ARCHIVES:-}; do "$KIND" load image-archive --name "$NAME" "$tar"; done
 kubectl apply -f test/e2e/kind/nbd-server.yaml
 kubectl -n nbd-e2e wait --for=condition=Ready pod/nbd-server --timeout=5m
 ip=$(kubectl -n nbd-e2e get service nbd-server -o jsonpath='{.spec.clusterIP}')
