@@ -14,12 +14,17 @@ ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${GO_IMAGE} AS build
 WORKDIR /src
+# VENDORED=true (make image VENDORED=true): the context carries vendor/ and
+# nothing is downloaded, for builders that cannot reach the module proxy
+# (air-gapped, or behind a TLS-intercepting proxy whose CA the image lacks).
+ARG VENDORED=false
 COPY go.mod go.sum ./
-RUN go mod download
+RUN [ "$VENDORED" = true ] || go mod download
 COPY . .
 ARG VERSION=dev
 ARG COMMIT=unknown
-RUN CGO_ENABLED=0 go build -trimpath -buildvcs=false \
+RUN mod=readonly; [ "$VENDORED" = true ] && mod=vendor; \
+	CGO_ENABLED=0 go build -mod=$mod -trimpath -buildvcs=false \
 	-ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/nbd-csi ./cmd/nbd-csi
 
 FROM ${BASE_IMAGE}

@@ -83,9 +83,14 @@ generate:
 	hack/generate-crds.sh
 	hack/generate-deploy.sh
 
-## image: the container image (needs a Docker engine)
+## image: the container image IMAGE (needs a Docker engine; VENDORED=true builds without reaching the module proxy)
 image:
-	docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
+	@if [ "$(VENDORED)" = true ]; then \
+		trap 'rm -rf vendor' EXIT; $(GO) mod vendor && \
+		docker build --build-arg VENDORED=true --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .; \
+	else \
+		docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .; \
+	fi
 
 clean:
 	rm -rf $(BIN) build

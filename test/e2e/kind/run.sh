@@ -38,7 +38,9 @@ trap cleanup EXIT
 start=$SECONDS
 # The classic builder: BuildKit needs images an offline host cannot pull.
 export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
-docker build -t nbd-csi-e2e/nbd-csi:e2e --build-arg VERSION=e2e --build-arg COMMIT="$(git rev-parse HEAD)" .
+# make image: VENDORED=true (E2E_VENDORED) when the builder cannot reach
+# the module proxy.
+make image IMAGE=nbd-csi-e2e/nbd-csi:e2e VERSION=e2e VENDORED="${E2E_VENDORED:-false}"
 docker build -t nbd-csi-e2e/nbdkit:e2e test/e2e/images/nbdkit
 echo "e2e: images built in $((SECONDS - start)) s"
 "$KIND" create cluster --name "$NAME" --config test/e2e/kind/cluster.yaml ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"} --wait 5m
