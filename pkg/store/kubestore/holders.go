@@ -56,14 +56,9 @@ func (s *Store) Publish(a store.Attachment) error {
 			return err
 		}
 		setHolders(vol, hs)
-		vol, err = update[api.NBDVolume](c, s.volumes, vol)
-		if apierrors.IsConflict(err) {
-			continue
-		}
-		if err != nil {
+		if retry, err := s.writeHolders(c, vol); !retry {
 			return err
 		}
-		return s.showNodes(c, vol)
 	}
 	return fmt.Errorf("publish %s: still conflicting after %d attempts", a.VolumeID, maxAttempts)
 }
@@ -99,16 +94,24 @@ func (s *Store) Unpublish(volumeID, nodeID string) error {
 			}
 			return err
 		}
-		vol, err = update[api.NBDVolume](c, s.volumes, vol)
-		if apierrors.IsConflict(err) {
-			continue
-		}
-		if err != nil {
+		if retry, err := s.writeHolders(c, vol); !retry {
 			return err
 		}
-		return s.showNodes(c, vol)
 	}
 	return fmt.Errorf("unpublish %s: still conflicting after %d attempts", volumeID, maxAttempts)
+}
+
+// writeHolders saves vol (its holders changed) and mirrors the holders onto
+// its export; retry reports a concurrent write: read again and redo.
+func (s *Store) writeHolders(c context.Context, vol *api.NBDVolume) (retry bool, err error) {
+	vol, err = update[api.NBDVolume](c, s.volumes, vol)
+	if apierrors.IsConflict(err) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return false, s.showNodes(c, vol)
 }
 
 // showNodes copies a claimed volume's holders into its export's status, for
