@@ -8,6 +8,9 @@
 #
 #   E2E_STORAGE_FOCUS  ginkgo focus regexp (default: the whole suite)
 #   E2E_STORAGE_SKIP   ginkgo skip regexp (default below)
+#   E2E_STORAGE_MIN    fewest specs that must have run and passed (default 30
+#                      with the default focus, else 1): a suite that skips
+#                      everything, e.g. after a capability typo, fails
 #   E2E_ARTIFACTS      where the JUnit report and log go (.cache/e2e/artifacts)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -23,7 +26,8 @@ status=0
 	-ginkgo.focus="$focus" -ginkgo.skip="$skip" -ginkgo.no-color -ginkgo.v \
 	-ginkgo.junit-report="$out/storage-junit.xml" -ginkgo.timeout=4h \
 	-report-dir="$out" >"$out/storage.log" 2>&1 || status=$?
-python3 - "$out/storage-junit.xml" <<'PY' || true
+min=${E2E_STORAGE_MIN:-$([ -z "${E2E_STORAGE_FOCUS:-}" ] && echo 30 || echo 1)}
+python3 - "$out/storage-junit.xml" "$min" <<'PY' || status=$?
 import sys, xml.etree.ElementTree as ET
 counts = {}
 for tc in ET.parse(sys.argv[1]).iter("testcase"):
@@ -36,6 +40,9 @@ for tc in ET.parse(sys.argv[1]).iter("testcase"):
     name = tc.get("name").replace("[It] External Storage [Driver: nbd.csi.nbd-csi.io] ", "")
     print(f"storage: {st.upper():7} {float(tc.get('time', 0)):6.1f}s {name}")
 print("storage: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+if counts.get("passed", 0) < int(sys.argv[2]):
+    print(f"storage: only {counts.get('passed', 0)} specs passed, want at least {sys.argv[2]} (E2E_STORAGE_MIN)")
+    sys.exit(1)
 PY
 echo "storage: suite took $((SECONDS - start)) s (exit $status); log and JUnit report in $out"
 exit "$status"
