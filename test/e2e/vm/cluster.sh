@@ -101,10 +101,15 @@ build_images() {
 	fi
 	# The images the upstream External Storage suite runs, under the names
 	# it asks for: its busybox, agnhost (built from the module proxy) on
-	# busybox, and for nginx a stand-in (busybox httpd serving the same
-	# directory; the suite only runs shell commands in it).
+	# busybox, and for nginx and jessie-dnsutils stand-ins (busybox; the
+	# suite only runs shell commands in them).
 	if [ ! -f "$img/e2e-busybox.tar" ]; then
 		mkimage -name registry.k8s.io/e2e-test-images/busybox:1.37.0-1 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/e2e-busybox.tar"
+	fi
+	# multiVolume specs run their commands (dd, md5sum, sh) in
+	# jessie-dnsutils: busybox under that name stands in.
+	if [ ! -f "$img/e2e-jessie-dnsutils.tar" ]; then
+		mkimage -name registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/e2e-jessie-dnsutils.tar"
 	fi
 	if [ ! -f "$img/e2e-agnhost.tar" ]; then
 		mkdir -p "$work/agnhost"; cp -a "$work/busybox/." "$work/agnhost/"
