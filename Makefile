@@ -85,12 +85,8 @@ generate:
 
 ## image: the container image IMAGE (needs a Docker engine; VENDORED=true builds without reaching the module proxy)
 image:
-	@if [ "$(VENDORED)" = true ]; then \
-		trap 'rm -rf vendor' EXIT; $(GO) mod vendor && \
-		docker build --build-arg VENDORED=true --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .; \
-	else \
-		docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .; \
-	fi
+	@if [ "$(VENDORED)" = true ]; then trap 'rm -rf vendor' EXIT; $(GO) mod vendor || exit 1; fi; \
+	docker build --build-arg VENDORED=$(or $(VENDORED),false) --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
 
 clean:
 	rm -rf $(BIN) build

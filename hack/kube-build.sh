@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
 dir=$PWD/.cache/kube
-src=$dir/src
+src="" # the generated module a command builds in (set by prepare)
 mkdir -p "$dir/bin"
 
 flags_for() {

@@ -421,16 +421,13 @@ func TestServerRestartWhileWriting(t *testing.T) {
 	t.Logf("writer: %s", strings.TrimSpace(logs(t, "writer")))
 	// The node plugin counted the outage: its /metrics (on the health port,
 	// host network) shows the link dying and the reconnect.
-	m := nodeMetrics(t, w.Spec.NodeName)
+	m := nodeHTTP(t, w.Spec.NodeName, "/metrics")
 	for _, want := range []string{`nbdcsi_node_connection_events_total{event="link-dead"}`, `nbdcsi_node_connection_events_total{event="reconnected"}`} {
 		if !strings.Contains(m, want) {
 			t.Errorf("node plugin metrics lack %s", want)
 		}
 	}
 }
-
-// nodeMetrics scrapes the node plugin on node.
-func nodeMetrics(t *testing.T, node string) string { return nodeHTTP(t, node, "/metrics") }
 
 // nodeHTTP GETs path from the node plugin on node through its health port
 // (host network), whatever the status code.

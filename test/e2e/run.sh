@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # make e2e: creates a cluster (E2E_PROVIDER=vm or kind), installs nbd-csi
 # with the chart, starts an NBD server pool, runs the e2e tests, collects
-# logs on failure, and deletes the cluster (unless E2E_KEEP=1). Our Go tests
-# (E2E_GO=0 skips them, E2E_RUN=Regexp picks) run first, then the upstream
-# External Storage suite (test/e2e/storage; E2E_STORAGE=0 skips it).
+# logs on failure, and deletes the cluster (unless E2E_KEEP=1). The tests
+# themselves are test/e2e/tests.sh (our Go tests, then the upstream External
+# Storage suite).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 PROVIDER=${E2E_PROVIDER:-kind}
@@ -38,12 +38,6 @@ start=$SECONDS
 "$helm" install nbd-csi charts/nbd-csi --namespace kube-system -f "$values" --wait --timeout 10m || status=$?
 echo "e2e: driver installed in $((SECONDS - start)) s (helm exit $status)"
 if [ "$status" -eq 0 ]; then
-	if [ "${E2E_GO:-1}" = 1 ]; then
-		(cd test/e2e && NBDCSI_REQUIRE_E2E=1 go test -count=1 -v -timeout 60m ${E2E_RUN:+-run "$E2E_RUN"} .) || status=$?
-	fi
-	# The upstream External Storage suite (E2E_STORAGE=0 leaves it out).
-	if [ "${E2E_STORAGE:-1}" = 1 ]; then
-		test/e2e/storage/run.sh || status=$?
-	fi
+	test/e2e/tests.sh || status=$?
 fi
 exit "$status"

@@ -70,13 +70,6 @@ fi
 export E2E_SERVER_RESTART_CMD="kubectl -n nbd-e2e exec nbd-server -- sh -c 'kill -9 \$(cat /run/nbdkit.pid)'"
 export E2E_BUSYBOX_IMAGE=${E2E_BUSYBOX_IMAGE:-registry.k8s.io/e2e-test-images/busybox:1.37.0-1}
 if [ "$status" -eq 0 ]; then
-	if [ "${E2E_GO:-1}" = 1 ]; then
-		(cd test/e2e && NBDCSI_REQUIRE_E2E=1 go test -count=1 -v -timeout 60m ${E2E_RUN:+-run "$E2E_RUN"} .) || status=$?
-	fi
-	# The upstream External Storage suite (E2E_STORAGE=0 leaves it out; it
-	# cannot pass on nodes without nbd).
-	if [ "${E2E_STORAGE:-1}" = 1 ] && [ "${E2E_EXPECT_NO_NBD:-}" != 1 ]; then
-		test/e2e/storage/run.sh || status=$?
-	fi
+	test/e2e/tests.sh || status=$?
 fi
 exit "$status"

@@ -28,7 +28,7 @@ status=0
 	-report-dir="$out" >"$out/storage.log" 2>&1 || status=$?
 min=${E2E_STORAGE_MIN:-$([ -z "${E2E_STORAGE_FOCUS:-}" ] && echo 30 || echo 1)}
 python3 - "$out/storage-junit.xml" "$min" <<'PY' || status=$?
-import sys, xml.etree.ElementTree as ET
+import re, sys, xml.etree.ElementTree as ET
 counts = {}
 for tc in ET.parse(sys.argv[1]).iter("testcase"):
     if tc.get("name", "").startswith("[Report"):
@@ -37,7 +37,7 @@ for tc in ET.parse(sys.argv[1]).iter("testcase"):
     counts[st] = counts.get(st, 0) + 1
     if st == "skipped":
         continue
-    name = tc.get("name").replace("[It] External Storage [Driver: nbd.csi.nbd-csi.io] ", "")
+    name = re.sub(r"^\[It\] External Storage \[Driver: [^]]*\] ", "", tc.get("name"))
     print(f"storage: {st.upper():7} {float(tc.get('time', 0)):6.1f}s {name}")
 print("storage: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
 if counts.get("passed", 0) < int(sys.argv[2]):

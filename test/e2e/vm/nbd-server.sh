@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The e2e pool for the vm provider: nbdkit's file plugin serving every file
-# of a directory as an export, on the host side of the e2e network
-# (nbd://10.99.0.1:10809), on the bridge the nodes share. start | stop | restart (restart keeps the files:
-# what the server-outage test needs).
+# of a directory as an export on the host's side of the bridge the nodes
+# share (nbd://10.99.0.1:10809). start | stop | restart (restart keeps the
+# files: what the server-outage test needs).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 RUN=${E2E_CACHE:-$PWD/.cache/e2e}/run
