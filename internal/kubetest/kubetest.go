@@ -113,12 +113,30 @@ func findBinaries() (etcd, apiserver string, err error) {
 
 // Start starts etcd and kube-apiserver in a new temporary directory and
 // installs the CRDs in crdDir. It returns an error wrapping ErrMissing when
-// a binary is absent.
+// a binary is absent. Ports are picked free but another process can take
+// one before etcd or kube-apiserver binds it (test packages run in
+// parallel), so a start that failed on a taken address is retried with new
+// ports, up to 3 times.
 func Start(crdDir string) (*Cluster, error) {
 	etcdBin, apiBin, err := findBinaries()
 	if err != nil {
 		return nil, err
 	}
+	for try := 1; ; try++ {
+		c, err := start(etcdBin, apiBin, crdDir)
+		if err == nil || try == 3 || !errors.Is(err, errAddrInUse) {
+			return c, err
+		}
+	}
+}
+
+// freePort picks a port; tests replace it to force a taken one.
+var freePort = servers.FreePort
+
+// errAddrInUse marks a start that failed because a port was taken.
+var errAddrInUse = errors.New("address already in use")
+
+func start(etcdBin, apiBin, crdDir string) (*Cluster, error) {
 	dir, err := os.MkdirTemp("", "nbd-csi-kube-")
 	if err != nil {
 		return nil, err
@@ -132,7 +150,7 @@ func Start(crdDir string) (*Cluster, error) {
 	}()
 	var ports [3]int
 	for i := range ports {
-		if ports[i], err = servers.FreePort(); err != nil {
+		if ports[i], err = freePort(); err != nil {
 			return nil, err
 		}
 	}
@@ -231,7 +249,9 @@ func (c *Cluster) waitReady(d time.Duration) error {
 	for time.Now().Before(deadline) {
 		select {
 		case <-c.exited[c.apisrv]:
-			return fmt.Errorf("kube-apiserver exited: %s", c.Log("kube-apiserver"))
+			return c.exitErr("kube-apiserver")
+		case <-c.exited[c.etcd]:
+			return c.exitErr("etcd")
 		default:
 		}
 		req, _ := http.NewRequest(http.MethodGet, c.host+"/readyz", nil)
@@ -249,6 +269,16 @@ func (c *Cluster) waitReady(d time.Duration) error {
 		time.Sleep(200 * time.Millisecond)
 	}
 	return fmt.Errorf("kube-apiserver not ready after %v: %v\n%s", d, last, c.Log("kube-apiserver"))
+}
+
+// exitErr describes a component that exited early, wrapping errAddrInUse
+// when its log says a port was taken.
+func (c *Cluster) exitErr(name string) error {
+	log := c.Log(name)
+	if strings.Contains(log, "address already in use") {
+		return fmt.Errorf("%s exited: %w: %s", name, errAddrInUse, log)
+	}
+	return fmt.Errorf("%s exited: %s", name, log)
 }
 
 // InstallCRDs creates (or replaces) every CRD in dir's YAML files and waits
