@@ -11,7 +11,9 @@
 // NBDCSI_REQUIRE_E2E=1), E2E_STORAGE_CLASS (nbd-e2e), E2E_BUSYBOX_IMAGE
 // (nbd-csi-e2e/busybox:1), E2E_DRIVER_NAMESPACE (kube-system),
 // E2E_SERVER_RESTART_CMD (a shell command that restarts the NBD server;
-// without it that test skips).
+// without it that test skips), E2E_GROW_EXPORT_CMD (a shell command that
+// grows export $EXPORT to $SIZE on the server; without it TestExpandVolume
+// skips).
 package e2e
 
 import (

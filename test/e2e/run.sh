@@ -25,6 +25,7 @@ vm)
 	test/e2e/vm/nbd-server.sh start
 	values=test/e2e/values-vm.yaml
 	export E2E_SERVER_RESTART_CMD="$PWD/test/e2e/vm/nbd-server.sh restart"
+	export E2E_GROW_EXPORT_CMD="$PWD/test/e2e/vm/nbd-server.sh grow \"\$EXPORT\" \"\$SIZE\""
 	;;
 kind)
 	exec test/e2e/kind/run.sh

@@ -62,12 +62,13 @@ wait=--wait
 "$helm" install nbd-csi charts/nbd-csi --namespace kube-system $wait --timeout 10m \
 	--set image.repository=nbd-csi-e2e/nbd-csi --set image.tag=e2e \
 	--set "storageClasses[0].name=nbd-e2e" --set "storageClasses[0].server=nbd://$ip:10809" \
-	--set "storageClasses[0].wipeOnDelete=true" \
+	--set "storageClasses[0].wipeOnDelete=true" --set "storageClasses[0].allowVolumeExpansion=true" \
 	${E2E_VALUES:+-f "$E2E_VALUES"} || status=$?
 if [ "$status" -eq 0 ] && [ -z "$wait" ]; then
 	kubectl -n kube-system rollout status deploy/nbd-csi-controller --timeout=10m || status=$?
 fi
 export E2E_SERVER_RESTART_CMD="kubectl -n nbd-e2e exec nbd-server -- sh -c 'kill -9 \$(cat /run/nbdkit.pid)'"
+export E2E_GROW_EXPORT_CMD='kubectl -n nbd-e2e exec nbd-server -- truncate -s "$SIZE" "/pool/$EXPORT"'
 export E2E_BUSYBOX_IMAGE=${E2E_BUSYBOX_IMAGE:-registry.k8s.io/e2e-test-images/busybox:1.37.0-1}
 if [ "$status" -eq 0 ]; then
 	test/e2e/tests.sh || status=$?

@@ -130,6 +130,7 @@ build_images() {
 	# CSI sidecars the module proxy serves, built as their own main modules.
 	build_sidecar provisioner github.com/kubernetes-csi/external-provisioner/v5 v5.3.0 csi-provisioner
 	build_sidecar attacher github.com/kubernetes-csi/external-attacher/v4 v4.13.0 csi-attacher
+	build_sidecar resizer github.com/kubernetes-csi/external-resizer v1.14.0 csi-resizer
 	# nbd-csi, always rebuilt (it is what is under test): the binary plus the
 	# filesystem and module tools the node plugin runs, from the node's
 	# Debian root filesystem.

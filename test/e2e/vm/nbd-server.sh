@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The e2e pool for the vm provider: nbdkit's file plugin serving every file
 # of a directory as an export on the host's side of the bridge the nodes
-# share (nbd://10.99.0.1:10809). start | stop | restart (restart keeps the
-# files: what the server-outage test needs).
+# share (nbd://10.99.0.1:10809): E2E_EXPORTS files of E2E_EXPORT_SIZE
+# (12 of 512M) and E2E_LARGE_EXPORTS of E2E_LARGE_EXPORT_SIZE (4 of 2G, for
+# the upstream volume-expand specs, which claim 1Gi and expand to 2Gi).
+#   start | stop | restart   (restart keeps the files: the outage test)
+#   grow EXPORT SIZE         (truncate an export to a larger size: new
+#                             connections see it; the expansion test)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 RUN=${E2E_CACHE:-$PWD/.cache/e2e}/run
@@ -13,9 +17,13 @@ EXPORTS=${E2E_EXPORTS:-12}
 
 start() {
 	mkdir -p "$POOL" "$RUN/pids" "$RUN/logs"
-	if [ -z "$(ls "$POOL")" ]; then
-		for i in $(seq -w 1 "$EXPORTS"); do truncate -s "${E2E_EXPORT_SIZE:-512M}" "$POOL/disk$i"; done
-	fi
+	local i
+	for i in $(seq -w 1 "$EXPORTS"); do
+		[ -e "$POOL/disk$i" ] || truncate -s "${E2E_EXPORT_SIZE:-512M}" "$POOL/disk$i"
+	done
+	for i in $(seq -w 1 "${E2E_LARGE_EXPORTS:-4}"); do
+		[ -e "$POOL/large$i" ] || truncate -s "${E2E_LARGE_EXPORT_SIZE:-2G}" "$POOL/large$i"
+	done
 	# nbdkit daemonizes itself and writes its pid file.
 	nbdkit -P "$PID" -i "$ADDR" -p 10809 file dir="$POOL" >>"$RUN/logs/nbdkit.log" 2>&1 < /dev/null
 	for _ in $(seq 100); do
@@ -33,9 +41,18 @@ stop() {
 	fi
 }
 
+grow() {
+	case ${1:-} in "" | */* | .*) echo "grow: bad export name '${1:-}'" >&2; exit 2 ;; esac
+	[ -f "$POOL/$1" ] || { echo "grow: no export $1 in $POOL" >&2; exit 1; }
+	[ -n "${2:-}" ] || { echo "usage: $0 grow EXPORT SIZE" >&2; exit 2; }
+	truncate -s "$2" "$POOL/$1"
+	echo "export $1 is now $(stat -c %s "$POOL/$1") bytes"
+}
+
 case ${1:-} in
 start) start ;;
 stop) stop ;;
 restart) stop; sleep "${E2E_OUTAGE:-5}"; start ;;
-*) echo "usage: $0 start|stop|restart" >&2; exit 2 ;;
+grow) grow "${2:-}" "${3:-}" ;;
+*) echo "usage: $0 start|stop|restart|grow EXPORT SIZE" >&2; exit 2 ;;
 esac

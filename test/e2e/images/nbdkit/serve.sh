@@ -1,13 +1,22 @@
 #!/bin/sh
-# Creates EXPORTS sparse files of SIZE in /pool and serves them with
-# nbdkit's file plugin; when nbdkit dies (the server-outage test kills it:
-# kill -9 $(cat /run/nbdkit.pid)) it is started again after OUTAGE seconds.
+# Creates EXPORTS sparse files of SIZE (12 of 512M) and LARGE_EXPORTS of
+# LARGE_SIZE (4 of 2G: the volume-expand specs claim 1Gi and expand to
+# 2Gi) in /pool and serves them with nbdkit's file plugin; when nbdkit dies
+# (the server-outage test kills it: kill -9 $(cat /run/nbdkit.pid)) it is
+# started again after OUTAGE seconds. TestExpandVolume grows a file with
+# truncate.
 set -e
 mkdir -p /pool
 i=1
 while [ "$i" -le "${EXPORTS:-12}" ]; do
 	f=/pool/disk$(printf %02d "$i")
 	[ -e "$f" ] || truncate -s "${SIZE:-512M}" "$f"
+	i=$((i + 1))
+done
+i=1
+while [ "$i" -le "${LARGE_EXPORTS:-4}" ]; do
+	f=/pool/large$(printf %02d "$i")
+	[ -e "$f" ] || truncate -s "${LARGE_SIZE:-2G}" "$f"
 	i=$((i + 1))
 done
 while :; do
