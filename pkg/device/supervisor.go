@@ -186,11 +186,15 @@ func (s *Supervisor) SetExport(sizeBytes uint64, flags uint16) {
 }
 
 // matches reports whether a redialled export may replace the device's
-// connections.
+// connections: the same flags the kernel uses and at least the device's
+// sectors. A grown export is accepted (the device keeps its size until the
+// volume is expanded, which is how an admin grows a volume: the export
+// first, then the claim; a connection lost in between must not strand the
+// device); a shrunk one would lose data at the end and is refused.
 func (s *Supervisor) matches(size uint64, flags uint16) (bool, uint64, uint16) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return size>>9 == s.size>>9 && flags&kernelFlags == s.flags&kernelFlags, s.size, s.flags
+	return size>>9 >= s.size>>9 && flags&kernelFlags == s.flags&kernelFlags, s.size, s.flags
 }
 
 func (s *Supervisor) emit(e Event) {

@@ -156,6 +156,7 @@ func TestSupervisorReconnects(t *testing.T) {
 		{err: errors.New("connection refused")},
 		{size: 1 << 20, flags: flagHasFlags | flagSendFlush | 1<<10}, // SEND_CACHE: ignored
 		{size: 1<<20 + 100, flags: flagHasFlags | flagSendFlush},     // same sectors
+		{size: 2 << 20, flags: flagHasFlags | flagSendFlush},         // grown: the device keeps its size
 	}}
 	l := newEventLog()
 	s, err := NewSupervisor(f, supervisorConfig(r, l))
@@ -174,19 +175,26 @@ func TestSupervisorReconnects(t *testing.T) {
 	}
 	f.events <- AnyIndex // lost notifications: check anyway
 	l.waitFor(t, EventReconnected)
+	f.events <- 3 // the server now offers a grown export
+	l.waitFor(t, EventReconnected)
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Run: %v", err)
 	}
-	want := []EventKind{EventWatching, EventLinkDead, EventRedialFailed, EventReconnected, EventLinkDead, EventReconnected}
+	want := []EventKind{EventWatching, EventLinkDead, EventRedialFailed, EventReconnected, EventLinkDead, EventReconnected,
+		EventLinkDead, EventReconnected}
 	if diff := cmp.Diff(want, l.kinds()); diff != "" {
 		t.Errorf("events (-want +got):\n%s", diff)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if len(f.reconfigs) != 2 || f.reconfigs[0].BackendID != "vol" || len(f.reconfigs[0].Sockets) != 1 ||
-		f.reconfigs[0].SizeBytes != 0 {
-		t.Errorf("reconfigures %+v", f.reconfigs)
+	if len(f.reconfigs) != 3 {
+		t.Fatalf("reconfigures %+v, want 3", f.reconfigs)
+	}
+	for _, rc := range f.reconfigs { // sockets only: the device keeps its size
+		if rc.BackendID != "vol" || len(rc.Sockets) != 1 || rc.SizeBytes != 0 {
+			t.Errorf("reconfigure %+v", rc)
+		}
 	}
 	for _, file := range r.files {
 		if _, err := file.Stat(); !errors.Is(err, os.ErrClosed) {
@@ -197,7 +205,7 @@ func TestSupervisorReconnects(t *testing.T) {
 
 func TestSupervisorRefusesChangedExport(t *testing.T) {
 	for name, res := range map[string]redialResult{
-		"size":      {size: 2 << 20, flags: flagHasFlags | flagSendFlush},
+		"shrunk":    {size: 1<<20 - 512, flags: flagHasFlags | flagSendFlush},
 		"read-only": {size: 1 << 20, flags: flagHasFlags | flagSendFlush | flagReadOnly},
 	} {
 		t.Run(name, func(t *testing.T) {
