@@ -15,15 +15,18 @@ PID=$RUN/pids/nbdkit
 ADDR=${E2E_NBD_ADDR:-10.99.0.1}
 EXPORTS=${E2E_EXPORTS:-12}
 
+# exports PREFIX COUNT SIZE: $POOL/PREFIX01… of SIZE, those missing.
+exports() {
+	local i
+	for i in $(seq -f %02g 1 "$2"); do
+		[ -e "$POOL/$1$i" ] || truncate -s "$3" "$POOL/$1$i"
+	done
+}
+
 start() {
 	mkdir -p "$POOL" "$RUN/pids" "$RUN/logs"
-	local i
-	for i in $(seq -w 1 "$EXPORTS"); do
-		[ -e "$POOL/disk$i" ] || truncate -s "${E2E_EXPORT_SIZE:-512M}" "$POOL/disk$i"
-	done
-	for i in $(seq -w 1 "${E2E_LARGE_EXPORTS:-4}"); do
-		[ -e "$POOL/large$i" ] || truncate -s "${E2E_LARGE_EXPORT_SIZE:-2G}" "$POOL/large$i"
-	done
+	exports disk "$EXPORTS" "${E2E_EXPORT_SIZE:-512M}"
+	exports large "${E2E_LARGE_EXPORTS:-4}" "${E2E_LARGE_EXPORT_SIZE:-2G}"
 	# nbdkit daemonizes itself and writes its pid file.
 	nbdkit -P "$PID" -i "$ADDR" -p 10809 file dir="$POOL" >>"$RUN/logs/nbdkit.log" 2>&1 < /dev/null
 	for _ in $(seq 100); do

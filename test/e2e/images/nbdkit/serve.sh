@@ -7,18 +7,17 @@
 # truncate.
 set -e
 mkdir -p /pool
-i=1
-while [ "$i" -le "${EXPORTS:-12}" ]; do
-	f=/pool/disk$(printf %02d "$i")
-	[ -e "$f" ] || truncate -s "${SIZE:-512M}" "$f"
-	i=$((i + 1))
-done
-i=1
-while [ "$i" -le "${LARGE_EXPORTS:-4}" ]; do
-	f=/pool/large$(printf %02d "$i")
-	[ -e "$f" ] || truncate -s "${LARGE_SIZE:-2G}" "$f"
-	i=$((i + 1))
-done
+# exports PREFIX COUNT SIZE: /pool/PREFIX01… of SIZE, those missing.
+exports() {
+	i=1
+	while [ "$i" -le "$2" ]; do
+		f=/pool/$1$(printf %02d "$i")
+		[ -e "$f" ] || truncate -s "$3" "$f"
+		i=$((i + 1))
+	done
+}
+exports disk "${EXPORTS:-12}" "${SIZE:-512M}"
+exports large "${LARGE_EXPORTS:-4}" "${LARGE_SIZE:-2G}"
 while :; do
 	nbdkit -f -P /run/nbdkit.pid -p 10809 file dir=/pool || true
 	sleep "${OUTAGE:-5}"
