@@ -13,7 +13,8 @@
 // E2E_SERVER_RESTART_CMD (a shell command that restarts the NBD server;
 // without it that test skips), E2E_GROW_EXPORT_CMD (a shell command that
 // grows export $EXPORT to $SIZE on the server; without it TestExpandVolume
-// skips).
+// skips; it claims from E2E_GROW_STORAGE_CLASS, nbd-e2e-grow, a pool of
+// its own).
 package e2e
 
 import (
@@ -152,7 +153,12 @@ func token() string {
 
 func pvc(t *testing.T, name string, block bool) *corev1.PersistentVolumeClaim {
 	t.Helper()
-	sc := env("E2E_STORAGE_CLASS", "nbd-e2e")
+	return pvcOf(t, env("E2E_STORAGE_CLASS", "nbd-e2e"), name, block)
+}
+
+// pvcOf creates a 64Mi claim of StorageClass sc, deleted at cleanup.
+func pvcOf(t *testing.T, sc, name string, block bool) *corev1.PersistentVolumeClaim {
+	t.Helper()
 	mode := corev1.PersistentVolumeFilesystem
 	if block {
 		mode = corev1.PersistentVolumeBlock

@@ -62,7 +62,11 @@ wait=--wait
 "$helm" install nbd-csi charts/nbd-csi --namespace kube-system $wait --timeout 10m \
 	--set image.repository=nbd-csi-e2e/nbd-csi --set image.tag=e2e \
 	--set "storageClasses[0].name=nbd-e2e" --set "storageClasses[0].server=nbd://$ip:10809" \
-	--set "storageClasses[0].wipeOnDelete=true" --set "storageClasses[0].allowVolumeExpansion=true" \
+	--set "storageClasses[0].exportFilter=disk*" --set "storageClasses[0].wipeOnDelete=true" \
+	--set "storageClasses[0].allowVolumeExpansion=true" \
+	--set "storageClasses[1].name=nbd-e2e-grow" --set "storageClasses[1].server=nbd://$ip:10809" \
+	--set "storageClasses[1].exportFilter=grow*" --set "storageClasses[1].wipeOnDelete=true" \
+	--set "storageClasses[1].allowVolumeExpansion=true" \
 	${E2E_VALUES:+-f "$E2E_VALUES"} || status=$?
 if [ "$status" -eq 0 ] && [ -z "$wait" ]; then
 	kubectl -n kube-system rollout status deploy/nbd-csi-controller --timeout=10m || status=$?
