@@ -302,8 +302,10 @@ func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi
 	if uint64(required) > size {
 		return nil, status.Errorf(codes.OutOfRange, "export %s is %d bytes, less than the %d requested: NBD servers cannot be asked to grow an export; grow it on the server, then expand again", e.Name, size, required)
 	}
-	block := req.GetVolumeCapability().GetBlock() != nil
-	return &csi.ControllerExpandVolumeResponse{CapacityBytes: int64(size), NodeExpansionRequired: !block}, nil
+	// Node expansion also for raw block volumes: the kernel device keeps
+	// the size negotiated at attach until NodeExpandVolume renews its
+	// connections (the kubelet calls it for block volumes too).
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: int64(size), NodeExpansionRequired: true}, nil
 }
 
 // knownTLS returns the TLS material last used for a server (from a

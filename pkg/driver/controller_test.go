@@ -200,6 +200,11 @@ func TestControllerProvisioning(t *testing.T) {
 		CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 30}}); err != nil || r.CapacityBytes != 8<<30 || !r.NodeExpansionRequired {
 		t.Errorf("expand within export = %v, %v", r, err)
 	}
+	if r, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: w.Volume.VolumeId,
+		CapacityRange:    &csi.CapacityRange{RequiredBytes: 8 << 30},
+		VolumeCapability: &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}}}); err != nil || !r.GetNodeExpansionRequired() {
+		t.Errorf("expand raw block = %v, %v; want node expansion (the device must be resized)", r, err)
+	}
 
 	// Capacity of the pool: small (released) + other-x for writers.
 	cp, err := c.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"server": server}, VolumeCapabilities: rwoCaps()})

@@ -3,7 +3,9 @@
 package kernel
 
 import (
+	"bytes"
 	"context"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -72,4 +74,73 @@ func fsSize(t *testing.T, path string) int64 {
 		t.Fatal(err)
 	}
 	return int64(s.Blocks) * int64(s.Bsize)
+}
+
+// TestKernelNodeExpandBlock: a raw block volume whose export grew is
+// resized by NodeExpandVolume (the kubelet calls it for block volumes too,
+// since ControllerExpandVolume asks for node expansion): the published
+// device file shows the new size and data at both ends reads back.
+func TestKernelNodeExpandBlock(t *testing.T) {
+	n := newNode(t)
+	img := backingFile(t, 64<<20)
+	srv := servers.Nbdkit(t, servers.Unix, "file", "file="+img)
+	target := n.stagePublish("expand-block", blockCap(), map[string]string{driver.KeyURI: srv.URI("")})
+	head := randomBytes(t, 4096)
+	writeAt(t, target, head, 0)
+	if err := os.Truncate(img, 128<<20); err != nil {
+		t.Fatal(err)
+	}
+	if got := deviceSize(t, target); got != 64<<20 {
+		t.Fatalf("device is %d bytes before the expansion, want %d", got, 64<<20)
+	}
+	resp, err := n.svc.NodeExpandVolume(context.Background(), &csi.NodeExpandVolumeRequest{VolumeId: "expand-block",
+		VolumePath: target, CapacityRange: &csi.CapacityRange{RequiredBytes: 128 << 20},
+		VolumeCapability: blockCap()})
+	if err != nil {
+		t.Fatalf("NodeExpandVolume: %v", err)
+	}
+	if resp.CapacityBytes != 128<<20 || deviceSize(t, target) != 128<<20 {
+		t.Errorf("after expansion: capacity %d, device %d bytes; want %d", resp.CapacityBytes, deviceSize(t, target), 128<<20)
+	}
+	tail := randomBytes(t, 4096)
+	writeAt(t, target, tail, 128<<20-4096)
+	// What reached the server: the backing file has both blocks.
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) != 128<<20 || !bytes.Equal(b[:4096], head) || !bytes.Equal(b[len(b)-4096:], tail) {
+		t.Error("the backing file lacks the first block written before or the last block written after the expansion")
+	}
+	n.unpublishUnstage("expand-block", target)
+}
+
+func deviceSize(t *testing.T, path string) int64 {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return size
+}
+
+// writeAt writes data at off of the device file and syncs it.
+func writeAt(t *testing.T, path string, data []byte, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(data, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
 }
