@@ -2,9 +2,7 @@
 # The e2e pool for the vm provider: nbdkit's file plugin serving every file
 # of a directory as an export on the host's side of the bridge the nodes
 # share (nbd://10.99.0.1:10809). The nbd-e2e StorageClass (exportFilter
-# disk*) gets E2E_EXPORTS files of E2E_EXPORT_SIZE (disk01…, 12 of 512M) and
-# E2E_LARGE_EXPORTS of E2E_LARGE_EXPORT_SIZE (disk2g01…, 4 of 2G, for the
-# upstream volume-expand specs, which claim 1Gi and expand to 2Gi);
+# disk*) gets E2E_EXPORTS files of E2E_EXPORT_SIZE (disk01…, 12 of 512M);
 # nbd-e2e-grow (grow*) two of 512M that TestExpandVolume grows, kept apart
 # so that a grown export never serves another test's claim.
 #   start | stop | restart   (restart keeps the files: the outage test)
@@ -29,7 +27,6 @@ exports() {
 start() {
 	mkdir -p "$POOL" "$RUN/pids" "$RUN/logs"
 	exports disk "$EXPORTS" "${E2E_EXPORT_SIZE:-512M}"
-	exports disk2g "${E2E_LARGE_EXPORTS:-4}" "${E2E_LARGE_EXPORT_SIZE:-2G}"
 	exports grow 2 512M
 	# nbdkit daemonizes itself and writes its pid file.
 	nbdkit -P "$PID" -i "$ADDR" -p 10809 file dir="$POOL" >>"$RUN/logs/nbdkit.log" 2>&1 < /dev/null

@@ -1,10 +1,8 @@
 #!/bin/sh
 # Creates sparse files in /pool and serves them with nbdkit's file plugin:
 # for the nbd-e2e StorageClass (exportFilter disk*) EXPORTS of SIZE
-# (disk01…, 12 of 512M) and LARGE_EXPORTS of LARGE_SIZE (disk2g01…, 4 of
-# 2G: the volume-expand specs claim 1Gi and expand to 2Gi); for
-# nbd-e2e-grow (grow*) two of 512M, which TestExpandVolume grows with
-# truncate. When nbdkit dies (the server-outage test kills it: kill -9
+# (disk01…, 12 of 512M); for nbd-e2e-grow (grow*) two of 512M, which
+# TestExpandVolume grows with truncate. When nbdkit dies (the server-outage test kills it: kill -9
 # $(cat /run/nbdkit.pid)) it is started again after OUTAGE seconds.
 set -e
 mkdir -p /pool
@@ -18,7 +16,6 @@ exports() {
 	done
 }
 exports disk "${EXPORTS:-12}" "${SIZE:-512M}"
-exports disk2g "${LARGE_EXPORTS:-4}" "${LARGE_SIZE:-2G}"
 exports grow 2 512M
 while :; do
 	nbdkit -f -P /run/nbdkit.pid -p 10809 file dir=/pool || true
