@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -115,6 +116,20 @@ func (w *watch) release() {
 }
 
 // keep returns duplicates of files (nil entries for failures).
+// pruneDead closes and drops the sockets whose connection has ended (the
+// kernel shut it down, or the peer closed it), keeping the others.
+func pruneDead(files []*os.File) []*os.File {
+	return slices.DeleteFunc(files, func(f *os.File) bool {
+		pfd := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLRDHUP}}
+		n, err := unix.Poll(pfd, 0)
+		if err != nil || n == 0 || pfd[0].Revents&(unix.POLLHUP|unix.POLLRDHUP|unix.POLLERR|unix.POLLNVAL) == 0 {
+			return false
+		}
+		f.Close()
+		return true
+	})
+}
+
 func keep(files []*os.File) []*os.File {
 	var out []*os.File
 	for _, f := range files {
@@ -435,13 +450,23 @@ func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.
 			if err != nil {
 				return nil, 0, 0, err
 			}
+			// A relay of a refused redial ends by itself when the
+			// Supervisor closes its kernel side.
 			a.mu.Lock()
 			w.relays = append(w.relays, n.relays...)
-			w.socks = append(w.socks, keep(n.files)...)
 			a.mu.Unlock()
 			files := n.files
 			n.files = nil
 			return files, n.info.Size, uint16(n.info.Flags), nil
+		},
+		// Only what the kernel took is kept (a refused redial's
+		// connections must close), and what died is let go: without
+		// that every reconnect would leave a socket open.
+		Handed: func(socks []*os.File) {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			w.socks = append(pruneDead(w.socks), keep(socks)...)
+			w.relays = slices.DeleteFunc(w.relays, (*relay).ended)
 		},
 		OnEvent: func(e device.Event) {
 			a.event(w, e)

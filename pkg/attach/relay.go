@@ -51,6 +51,16 @@ func (r *relay) pump(dst, src net.Conn) {
 	r.close()
 }
 
+// ended reports whether the relay has closed.
+func (r *relay) ended() bool {
+	select {
+	case <-r.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // close ends the relay; the kernel then sees its connection die.
 func (r *relay) close() {
 	r.once.Do(func() {

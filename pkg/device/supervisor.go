@@ -65,6 +65,10 @@ type SupervisorConfig struct {
 	// OnEvent, if set, receives every Event, synchronously from Run's
 	// goroutine; it must not block for long.
 	OnEvent func(Event)
+	// Handed, if set, is called with the sockets of a redial the kernel
+	// took, before the Supervisor closes its copies: the place to keep
+	// duplicates. Sockets of a refused redial are only closed.
+	Handed func(sockets []*os.File)
 }
 
 // EventKind classifies a supervisor Event.
@@ -326,6 +330,10 @@ func (s *Supervisor) attempt(ctx context.Context, attempt int) error {
 	err = s.r.Reconfigure(ctx, s.cfg.Index, Reconfig{BackendID: s.cfg.BackendID, Sockets: socks})
 	if err != nil {
 		s.emit(Event{Kind: EventReconfigureFailed, Attempt: attempt, Err: err})
+		return err
 	}
-	return err
+	if s.cfg.Handed != nil {
+		s.cfg.Handed(socks)
+	}
+	return nil
 }

@@ -75,6 +75,19 @@ type redialer struct {
 	mu      sync.Mutex
 	results []redialResult
 	files   []*os.File
+	// handed counts the sockets the Supervisor reported the kernel took.
+	handed int
+}
+
+func (r *redialer) handedOver(socks []*os.File) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, f := range socks {
+		if _, err := f.Stat(); err != nil {
+			panic("Handed got a closed socket")
+		}
+	}
+	r.handed += len(socks)
 }
 
 type redialResult struct {
@@ -146,7 +159,7 @@ func supervisorConfig(r *redialer, l *eventLog) SupervisorConfig {
 	return SupervisorConfig{
 		Index: 3, BackendID: "vol", SizeBytes: 1 << 20, ServerFlags: flagHasFlags | flagSendFlush,
 		DeadConnTimeout: 300 * time.Millisecond, Redial: r.redial, PollInterval: time.Hour,
-		MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond, OnEvent: l.add,
+		MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond, OnEvent: l.add, Handed: r.handedOver,
 	}
 }
 
@@ -196,6 +209,9 @@ func TestSupervisorReconnects(t *testing.T) {
 			t.Errorf("reconfigure %+v", rc)
 		}
 	}
+	if r.handed != 3 {
+		t.Errorf("Handed saw %d sockets, want the 3 the kernel took", r.handed)
+	}
 	for _, file := range r.files {
 		if _, err := file.Stat(); !errors.Is(err, os.ErrClosed) {
 			t.Error("redialled socket left open")
@@ -224,8 +240,8 @@ func TestSupervisorRefusesChangedExport(t *testing.T) {
 			if !errors.Is(err, ErrReconnectTimeout) || !errors.Is(err, ErrExportChanged) {
 				t.Fatalf("got %v, want ErrReconnectTimeout wrapping ErrExportChanged", err)
 			}
-			if len(f.reconfigs) != 0 {
-				t.Error("a changed export was handed to the kernel")
+			if len(f.reconfigs) != 0 || r.handed != 0 {
+				t.Errorf("a changed export was handed to the kernel (%d reconfigures, Handed saw %d)", len(f.reconfigs), r.handed)
 			}
 			kinds := l.kinds()
 			if kinds[0] != EventWatching || kinds[2] != EventExportChanged || kinds[len(kinds)-1] != EventGaveUp {

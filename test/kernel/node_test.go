@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -238,6 +239,7 @@ func TestKernelNodeServerRestart(t *testing.T) {
 	target := n.stagePublish("outage", fsCap("ext4"), vc)
 	w := startWriter(t, filepath.Join(target, "log"))
 	w.waitRecords(t, 20, time.Minute)
+	sockets := openSockets(t)
 
 	// A crash, not a graceful stop: nbdkit stopping gracefully answers
 	// requests in flight with ESHUTDOWN, which the kernel driver fails
@@ -259,7 +261,35 @@ func TestKernelNodeServerRestart(t *testing.T) {
 	if healthy, degradedN := n.att.Health(); healthy != 1 || degradedN != 0 {
 		t.Errorf("attacher health = %d healthy, %d degraded; want 1, 0", healthy, degradedN)
 	}
+	// The plugin let go of its copy of the dead connection: as many
+	// sockets open as before the outage, not one more per reconnect.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		now := openSockets(t)
+		if now == sockets {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%d sockets open after the reconnect, %d before the outage", now, sockets)
+			break
+		}
+	}
 	n.unpublishUnstage("outage", target)
+}
+
+// openSockets counts this process's open socket descriptors.
+func openSockets(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && strings.HasPrefix(l, "socket:") {
+			n++
+		}
+	}
+	return n
 }
 
 // waitHealth waits until the volume reports status (UNKNOWN… = healthy,
