@@ -115,7 +115,6 @@ func (w *watch) release() {
 	w.relays = nil
 }
 
-// keep returns duplicates of files (nil entries for failures).
 // pruneDead closes and drops the sockets whose connection has ended (the
 // kernel shut it down, or the peer closed it), keeping the others.
 func pruneDead(files []*os.File) []*os.File {
@@ -130,6 +129,7 @@ func pruneDead(files []*os.File) []*os.File {
 	})
 }
 
+// keep returns duplicates of files (nil entries for failures).
 func keep(files []*os.File) []*os.File {
 	var out []*os.File
 	for _, f := range files {
@@ -418,7 +418,7 @@ func (a *Attacher) reconnectNow(ctx context.Context, spec driver.AttachSpec, d *
 	a.mu.Lock()
 	if w := a.watched[spec.VolumeID]; w != nil {
 		w.relays = append(w.relays, n.relays...)
-		w.socks = append(w.socks, keep(n.files)...)
+		w.socks = append(pruneDead(w.socks), keep(n.files)...)
 	}
 	a.mu.Unlock()
 	return nil

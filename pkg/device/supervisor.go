@@ -39,10 +39,11 @@ type SupervisorConfig struct {
 	// must quote.
 	BackendID string
 	// SizeBytes is the export size reported when the device was attached
-	// (Device.SizeBytes will do). A redialled export whose size differs in
-	// the 512-byte sectors the device addresses is refused: handing the
-	// kernel a different disk under the same device would corrupt data.
-	// After a resize, tell the Supervisor with SetExport.
+	// (Device.SizeBytes will do). A redialled export with fewer of the
+	// 512-byte sectors the device addresses is refused (a different or
+	// shrunk disk under the same device would corrupt data); a grown one is
+	// accepted and the device keeps its size. After a resize, tell the
+	// Supervisor with SetExport.
 	SizeBytes uint64
 	// ServerFlags are the transmission flags the export reported at
 	// attach (not including a READ_ONLY added by Config.ReadOnly). They
