@@ -32,7 +32,9 @@ func TestExpandVolume(t *testing.T) {
 		t.Skip("E2E_GROW_EXPORT_CMD not set")
 	}
 	ctx := context.Background()
-	const newSize = "1Gi"
+	// The export grows to exportSize (truncate's units: 1 GiB) and the
+	// claim asks for newSize.
+	const exportSize, newSize = "1G", "1Gi"
 	// 1 GiB of ext4 has about 1,000,000 KiB of blocks; the 512 MiB the
 	// pool's exports start with, less than 500,000.
 	const grownKiB = 900000
@@ -65,7 +67,7 @@ cat /data/token`, tok, grownKiB))
 	t.Logf("volume %s is export %s (%s)", pv.Spec.CSI.VolumeHandle, export, claim.Status.Capacity.Storage())
 
 	cmd := exec.Command("sh", "-c", grow)
-	cmd.Env = append(os.Environ(), "EXPORT="+export, "SIZE="+strings.TrimSuffix(newSize, "i"))
+	cmd.Env = append(os.Environ(), "EXPORT="+export, "SIZE="+exportSize)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("grow export %s: %v\n%s", export, err, out)
 	}

@@ -86,7 +86,7 @@ func TestKernelNodeExpandBlock(t *testing.T) {
 	srv := servers.Nbdkit(t, servers.Unix, "file", "file="+img)
 	target := n.stagePublish("expand-block", blockCap(), map[string]string{driver.KeyURI: srv.URI("")})
 	head := randomBytes(t, 4096)
-	writeAt(t, target, head, 0)
+	write(t, target, true, head)
 	if err := os.Truncate(img, 128<<20); err != nil {
 		t.Fatal(err)
 	}
