@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 BIN=${BIN:-bin/nbd-csi}
-command -v nbdkit >/dev/null || { echo "demo: nbdkit is not installed (apt-get install nbdkit, or run .ci/run)"; exit 1; }
+hack/install-deps.sh demo # make demo ran it already; this is for hack/demo.sh run by hand
 
 work=$(mktemp -d)
 pid=""

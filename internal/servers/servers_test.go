@@ -152,10 +152,11 @@ func TestGenerateCerts(t *testing.T) {
 	}
 }
 
+// TestLookPathMissing checks that a missing binary skips the test when
+// NBDCSI_REQUIRE_SERVERS is not 1. It clears the variable itself, so it also
+// runs (instead of skipping) under make test, which sets it.
 func TestLookPathMissing(t *testing.T) {
-	if os.Getenv(RequireEnv) == "1" {
-		t.Skip("cannot observe a skip when skipping is forbidden")
-	}
+	t.Setenv(RequireEnv, "")
 	var skipped bool
 	t.Run("missing", func(t *testing.T) {
 		defer func() { skipped = t.Skipped() }()
