@@ -26,7 +26,9 @@ var allowedSkips = map[string]string{
 	`internal/kubetest/kubetest_test.go: t.Skip(err)`:                                  "guarded by os.Getenv(RequireEnv) != \"1\" (NBDCSI_REQUIRE_KUBE)",
 	`test/chart/chart_test.go: t.Skipf("no helm: %v", err)`:                            "NBDCSI_REQUIRE_SERVERS=1 turns it into t.Fatalf",
 	`test/vm/vm_test.go: t.Skip(err)`:                                                  "rig unavailable: NBDCSI_REQUIRE_VM=1 turns it into t.Fatalf",
+	`test/vm/accel_test.go: t.Skip(err)`:                                               "rig unavailable: NBDCSI_REQUIRE_VM=1 turns it into t.Fatalf",
 	// Not applicable where reached; make test runs them elsewhere.
+	`test/vm/accel_test.go: t.Skip("boots a VM; skipped in -short mode")`:                                       "make unit runs -short; make vm-test runs ^TestVM without it",
 	`test/vm/vm_test.go: t.Skip("boots a VM; skipped in -short mode")`:                                          "make unit runs -short; make vm-test runs ^TestVM without it",
 	`test/vm/vm_test.go: t.Skip("already inside the VM")`:                                                       "a VM-booting test inside the VM",
 	`test/vm/vm_test.go: t.Skipf("runs inside the VM rig only (%s=1); TestVMGoTest runs it there", vm.EnvInVM)`: "TestVMGoTest runs it in the VM and fails unless it passed there",

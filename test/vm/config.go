@@ -25,7 +25,8 @@ const (
 	// that linux-image-cloud-amd64 depends on is used.
 	EnvKernelPackage = "NBDCSI_VM_KERNEL_PKG"
 	// EnvAccel selects the QEMU accelerator when Config.Accel is empty:
-	// "tcg" (the default) or "kvm".
+	// "auto" (the default: KVM if a probe boot with it succeeds, else
+	// TCG), "kvm" or "tcg" (forced, no probe). See ChooseAccel.
 	EnvAccel = "NBDCSI_VM_ACCEL"
 )
 
@@ -92,9 +93,10 @@ type Config struct {
 	Console io.Writer
 	// KernelArgs are appended to the kernel command line.
 	KernelArgs []string
-	// Accel is the QEMU accelerator: "tcg" or "kvm". Empty means
-	// $NBDCSI_VM_ACCEL, else "tcg". KVM is not the default because a
-	// /dev/kvm that opens is no proof that nested virtualisation works.
+	// Accel is the QEMU accelerator: AccelAuto, AccelKVM or AccelTCG.
+	// Empty means $NBDCSI_VM_ACCEL, else AccelAuto: KVM only after a
+	// probe boot with it succeeded, because a /dev/kvm that opens is no
+	// proof that nested virtualisation works (ChooseAccel).
 	Accel string
 	// Tools are extra host programs (absolute paths) added to the cached
 	// base image together with their shared libraries.
@@ -199,10 +201,10 @@ func (cfg Config) withDefaults() (Config, error) {
 		cfg.Accel = os.Getenv(EnvAccel)
 	}
 	if cfg.Accel == "" {
-		cfg.Accel = "tcg"
+		cfg.Accel = AccelAuto
 	}
-	if cfg.Accel != "tcg" && cfg.Accel != "kvm" {
-		return cfg, fmt.Errorf("vm: accelerator %q: want tcg or kvm", cfg.Accel)
+	if cfg.Accel != AccelAuto && cfg.Accel != AccelTCG && cfg.Accel != AccelKVM {
+		return cfg, fmt.Errorf("vm: accelerator %q: want auto, kvm or tcg", cfg.Accel)
 	}
 	if cfg.Console == nil {
 		cfg.Console = io.Discard

@@ -86,12 +86,14 @@ type Result struct {
 	Total time.Duration
 	// Kernel is the release of the booted kernel (uname -r).
 	Kernel string
+	// Accel is the accelerator the VM ran with (AccelKVM or AccelTCG).
+	Accel string
 }
 
 // String summarises the timings of r.
 func (r Result) String() string {
-	return fmt.Sprintf("exit=%d kernel=%s prepare=%s boot=%s (guest %s) script=%s total=%s",
-		r.ExitCode, r.Kernel, r.Prepare.Round(time.Millisecond), r.Boot.Round(time.Millisecond),
+	return fmt.Sprintf("exit=%d kernel=%s accel=%s prepare=%s boot=%s (guest %s) script=%s total=%s",
+		r.ExitCode, r.Kernel, r.Accel, r.Prepare.Round(time.Millisecond), r.Boot.Round(time.Millisecond),
 		r.GuestBoot.Round(time.Millisecond), r.Script.Round(time.Millisecond), r.Total.Round(time.Millisecond))
 }
 
@@ -122,6 +124,12 @@ func RunDetailed(ctx context.Context, cfg Config) (Result, error) {
 		return res, fmt.Errorf("vm: kernel: %w", err)
 	}
 	res.Kernel = k.release
+	choice, err := ChooseAccel(ctx, cfg.Accel, k.vmlinuz, cfg.CacheDir)
+	if err != nil {
+		return res, err
+	}
+	logf("%s", choice)
+	cfg.Accel, res.Accel = choice.Accel, choice.Accel
 	base, err := ensureBase(ctx, cfg, k, logf)
 	if err != nil {
 		return res, fmt.Errorf("vm: %w", err)
@@ -215,12 +223,7 @@ func qemuArgs(cfg Config, vmlinuz, initrd string) []string {
 		"-m", fmt.Sprint(cfg.MemoryMB),
 		"-smp", fmt.Sprint(cfg.CPUs),
 	}
-	if cfg.Accel == "kvm" {
-		args = append(args, "-accel", "kvm", "-cpu", "host")
-	} else {
-		// "max" exposes RDRAND, so the guest's CRNG is ready at once.
-		args = append(args, "-accel", "tcg,thread=multi", "-cpu", "max")
-	}
+	args = append(args, AccelArgs(cfg.Accel)...)
 	cmdline := append([]string{"console=ttyS0", "quiet", "panic=-1", "rdinit=/init"}, cfg.KernelArgs...)
 	return append(args,
 		"-kernel", vmlinuz,

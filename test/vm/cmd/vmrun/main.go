@@ -20,7 +20,11 @@
 //	-module NAME     add a kernel module to the image (repeatable)
 //	-append ARG      add a kernel command line argument (repeatable)
 //	-cache DIR       cache directory (default $NBDCSI_VM_CACHE or <repo>/.cache/vm)
-//	-accel A         tcg or kvm (default $NBDCSI_VM_ACCEL or tcg)
+//	-accel A         auto, kvm or tcg (default $NBDCSI_VM_ACCEL or auto:
+//	                 KVM only after a probe boot with it succeeded)
+//	-print-accel     only choose the accelerator as -accel says, log why on
+//	                 stderr and print its QEMU arguments ("-accel kvm -cpu
+//	                 host") on stdout, for scripts that start QEMU themselves
 //	-q               do not stream the console, print it only on failure
 //
 // The words after "--" are joined with spaces and run by busybox sh, so
@@ -80,14 +84,28 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&modules, "module", "extra kernel module for the image (repeatable)")
 	fs.Var(&kargs, "append", "extra kernel command line argument (repeatable)")
 	fs.StringVar(&cfg.CacheDir, "cache", "", "cache directory (default $"+vm.EnvCache+" or <repo>/.cache/vm)")
-	fs.StringVar(&cfg.Accel, "accel", "", "QEMU accelerator: tcg or kvm (default $"+vm.EnvAccel+" or tcg)")
+	fs.StringVar(&cfg.Accel, "accel", "", "QEMU accelerator: auto, kvm or tcg (default $"+vm.EnvAccel+" or auto: KVM only after a probe boot with it succeeded)")
 	fs.BoolVar(&quiet, "q", false, "do not stream the console; print it only on failure")
+	printAccel := fs.Bool("print-accel", false, "only choose the accelerator, log why on stderr and print its QEMU arguments on stdout")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: vmrun [flags] -- <shell command run inside the VM>\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *printAccel {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		cfg.Console = stderr
+		c, err := cfg.ChooseAccel(ctx)
+		if err != nil {
+			fmt.Fprintf(stderr, "vmrun: %v\n", err)
+			return exitRigFailure
+		}
+		fmt.Fprintln(stderr, c)
+		fmt.Fprintln(stdout, strings.Join(vm.AccelArgs(c.Accel), " "))
+		return 0
 	}
 	script := strings.TrimSpace(strings.Join(fs.Args(), " "))
 	if script == "" {
