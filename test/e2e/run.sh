@@ -13,7 +13,10 @@ case $PROVIDER in
 vm)
 	test/e2e/vm/cluster.sh build
 	start=$SECONDS
-	eval "$(test/e2e/vm/cluster.sh up | grep '^KUBECONFIG=')"
+	# A plain assignment keeps cluster.sh's exit status (set -e, pipefail):
+	# a failed up stops here, with its cause on screen, not at helm later.
+	KUBECONFIG=$(test/e2e/vm/cluster.sh up | sed -n 's/^KUBECONFIG=//p')
+	[ -n "$KUBECONFIG" ] || { echo "e2e: cluster.sh up printed no KUBECONFIG" >&2; exit 1; }
 	export KUBECONFIG
 	echo "e2e: cluster up in $((SECONDS - start)) s"
 	cleanup() {

@@ -18,8 +18,14 @@
 #   test/e2e/vm/cluster.sh logs DIR # collect logs (host components and node)
 #   test/e2e/vm/cluster.sh down     # stop everything, remove the tap device
 #
-# Needs root (tap device, debootstrap, chroot), qemu-system-x86, debootstrap,
-# etcd-server, openssl, socat, busybox-static, cpio (.ci/run installs them).
+# Needs root (tap device, debootstrap, chroot); build and up install the
+# Debian packages they need themselves (hack/install-deps.sh e2e-vm).
+#
+# Fails fast: a node VM, a control-plane process or a build step that fails
+# stops the run at once with the last lines of its log on screen, and up
+# stops what it started (E2E_KEEP=1 keeps it for a look). QEMU uses KVM only
+# after a probe boot with it succeeded (test/vm; NBDCSI_VM_ACCEL=kvm|tcg
+# forces either).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 ROOT=$PWD
@@ -39,15 +45,49 @@ node_tap() { echo "${BRIDGE%0}$1"; }
 log() { echo "[vm-cluster $(date +%T)] $*" >&2; }
 die() { log "$*"; exit 1; }
 
+# tail_log FILE: the last lines of FILE, indented, for an error message.
+tail_log() {
+	if [ -s "$1" ]; then
+		echo "--- last lines of $1:"
+		tail -n "${E2E_TAIL:-20}" "$1" | sed 's/^/    /'
+	else
+		echo "--- $1 is empty or missing"
+	fi
+}
+
+# check_procs: every process start_bg started (control plane, node VMs) must
+# still run; the first that exited stops the run with its log on screen.
+check_procs() {
+	local f name
+	for f in "$RUN"/pids/*; do
+		[ -e "$f" ] || continue
+		name=$(basename "$f")
+		kill -0 "$(cat "$f")" 2>/dev/null && continue
+		case $name in
+		qemu*)
+			die "QEMU of $(node_name "${name#qemu}") exited
+$(tail_log "$RUN/logs/$name.log")
+$(tail_log "$RUN/logs/console${name#qemu}.log")"
+			;;
+		nbdkit) ;; # nbd-server.sh's, which reports its own failures
+		*)
+			die "$name exited
+$(tail_log "$RUN/logs/$name.log")"
+			;;
+		esac
+	done
+}
+
 # ---------------------------------------------------------------- build
 
 kernel_deb() {
 	local deb
-	deb=$(ls "$ROOT"/.cache/vm/kernel/*/kernel.deb 2>/dev/null | head -n1 || true)
+	local cache=${NBDCSI_VM_CACHE:-$ROOT/.cache/vm}
+	deb=$(ls "$cache"/kernel/*/kernel.deb 2>/dev/null | head -n1 || true)
 	if [ -z "$deb" ]; then
 		# The test/vm rig downloads and caches the kernel package.
 		go run ./test/vm/cmd/vmrun -q -- true >/dev/null
-		deb=$(ls "$ROOT"/.cache/vm/kernel/*/kernel.deb | head -n1)
+		deb=$(ls "$cache"/kernel/*/kernel.deb | head -n1)
 	fi
 	echo "$deb"
 }
@@ -59,7 +99,8 @@ build_rootfs() {
 	debootstrap --variant=minbase \
 		--include=containerd,runc,containernetworking-plugins,iptables,iproute2,util-linux,mount,kmod,e2fsprogs,xfsprogs,procps,ca-certificates,conntrack,socat,ethtool,iputils-ping \
 		bookworm "$E2E/rootfs.new" http://deb.debian.org/debian >"$E2E/debootstrap.log" 2>&1 ||
-		die "debootstrap failed: see $E2E/debootstrap.log"
+		die "debootstrap failed
+$(tail_log "$E2E/debootstrap.log")"
 	tar -C "$E2E/rootfs.new" -cf "$E2E/rootfs.tar.new" . && mv "$E2E/rootfs.tar.new" "$E2E/rootfs.tar"
 	rm -rf "$E2E/rootfs.new"
 }
@@ -168,7 +209,7 @@ build_sidecar() {
 
 build() {
 	mkdir -p "$E2E"
-	command -v debootstrap >/dev/null || die "debootstrap missing (apt-get install debootstrap)"
+	hack/install-deps.sh e2e-vm
 	build_rootfs
 	log "Kubernetes binaries"
 	hack/kube-build.sh kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy >/dev/null
@@ -255,10 +296,12 @@ control_plane() {
 		--service-account-signing-key-file="$p/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
 		--kubelet-client-certificate="$p/admin.crt" --kubelet-client-key="$p/admin.key" \
 		--kubelet-preferred-address-types=InternalIP,Hostname --enable-priority-and-fairness=false
-	local i
-	for i in $(seq 300); do
-		if curl -sfk --cert "$p/admin.crt" --key "$p/admin.key" "https://$HOST_IP:$APISERVER_PORT/readyz" >/dev/null 2>&1; then break; fi
-		kill -0 "$(cat "$RUN/pids/kube-apiserver")" 2>/dev/null || die "kube-apiserver exited: $(tail -5 "$RUN/logs/kube-apiserver.log")"
+	local deadline=$((SECONDS + 120))
+	until curl -sfk --max-time 5 --cert "$p/admin.crt" --key "$p/admin.key" "https://$HOST_IP:$APISERVER_PORT/readyz" >/dev/null 2>&1; do
+		check_procs
+		[ "$SECONDS" -lt "$deadline" ] || die "kube-apiserver not ready after 120 s
+$(tail_log "$RUN/logs/kube-apiserver.log")
+$(tail_log "$RUN/logs/etcd.log")"
 		sleep 0.2
 	done
 	start_bg kube-controller-manager "$bin/kube-controller-manager" --kubeconfig="$p/kcm.kubeconfig" \
@@ -346,10 +389,11 @@ net_up() {
 }
 
 boot_node() {
-	local i=$1 accel=tcg,thread=multi
-	[ -w /dev/kvm ] && accel=kvm
-	log "booting $(node_name "$i") (QEMU, ${accel%%,*})"
-	start_bg "qemu$i" qemu-system-x86_64 -m "$MEM" -smp "$CPUS" -accel "$accel" -cpu max -display none -no-reboot \
+	local i=$1
+	local -a accel
+	read -r -a accel <<< "$ACCEL_ARGS"
+	log "booting $(node_name "$i") (QEMU ${ACCEL_ARGS})"
+	start_bg "qemu$i" qemu-system-x86_64 -m "$MEM" -smp "$CPUS" "${accel[@]}" -display none -no-reboot \
 		-kernel "$(cat "$RUN/vmlinuz")" -initrd "$RUN/initrd.img" \
 		-append "console=ttyS0 root=/dev/vda rw panic=-1 quiet" \
 		-drive "file=$RUN/node$i.qcow2,if=virtio,format=qcow2,cache=unsafe" \
@@ -365,32 +409,54 @@ wait_ready() {
 	local n=$1 start=$2 name _
 	name=$(node_name "$n")
 	for _ in $(seq 900); do
-		if curl -sfk --cert "$RUN/pki/admin.crt" --key "$RUN/pki/admin.key" \
+		check_procs
+		if curl -sfk --max-time 5 --cert "$RUN/pki/admin.crt" --key "$RUN/pki/admin.key" \
 			"https://$HOST_IP:$APISERVER_PORT/api/v1/nodes/$name" 2>/dev/null |
 			python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n["status"]["conditions"]) else 1)' 2>/dev/null; then
 			log "node $name Ready after $((SECONDS - start)) s"
 			return 0
 		fi
-		kill -0 "$(cat "$RUN/pids/qemu$n")" 2>/dev/null || die "QEMU of $name exited: $(tail -20 "$RUN/logs/console$n.log")"
 		sleep 1
 	done
-	die "$name not Ready after 900 s; console: $(tail -20 "$RUN/logs/console$n.log")"
+	die "$name not Ready after 900 s
+$(tail_log "$RUN/logs/console$n.log")"
+}
+
+# start_nodes: boots every node VM and waits until all are Ready; any VM or
+# control-plane process that exits meanwhile stops the run.
+start_nodes() {
+	local i start=$SECONDS
+	for i in $(seq "$NODES"); do boot_node "$i"; done
+	for i in $(seq "$NODES"); do wait_ready "$i" "$start"; done
 }
 
 up() {
 	[ "$(id -u)" -eq 0 ] || die "needs root (tap device)"
+	hack/install-deps.sh e2e-vm
 	[ -f "$E2E/rootfs.tar" ] && [ -f "$E2E/images/nbd-csi.tar" ] || build
 	down >/dev/null 2>&1 || true
 	rm -rf "$RUN"; mkdir -p "$RUN/logs" "$RUN/pids"
+	# A failed up stops what it started; the logs stay in $RUN/logs.
+	trap 'up_failed $?' EXIT
+	ACCEL_ARGS=$(go run ./test/vm/cmd/vmrun -print-accel)
 	pki
 	net_up # the API server binds to the bridge's address
 	control_plane
 	node_disk
-	local i start=$SECONDS
-	for i in $(seq "$NODES"); do boot_node "$i"; done
-	for i in $(seq "$NODES"); do wait_ready "$i" "$start"; done
+	start_nodes
+	trap - EXIT
 	cp "$RUN/pki/admin.kubeconfig" "$RUN/kubeconfig"
 	echo "KUBECONFIG=$RUN/kubeconfig"
+}
+
+up_failed() {
+	[ "$1" -ne 0 ] || return 0
+	if [ "${E2E_KEEP:-}" = 1 ]; then
+		log "up failed; E2E_KEEP=1 leaves the cluster running (logs in $RUN/logs)"
+	else
+		log "up failed; stopping what it started (logs in $RUN/logs; E2E_KEEP=1 keeps it running)"
+		down >/dev/null 2>&1 || true
+	fi
 }
 
 down() {
@@ -440,12 +506,19 @@ collect_logs() {
 	log "logs in $out"
 }
 
-case ${1:-} in
-build) build ;;
-up) up ;;
-down) down ;;
-sh) shift; node_sh "$@" ;;
-load) shift; load "$@" ;;
-logs) shift; collect_logs "${1:-}" ;;
-*) echo "usage: $0 build|up|down|sh CMD|load TAR...|logs [DIR]" >&2; exit 2 ;;
-esac
+main() {
+	case ${1:-} in
+	build) build ;;
+	up) up ;;
+	down) down ;;
+	sh) shift; node_sh "$@" ;;
+	load) shift; load "$@" ;;
+	logs) shift; collect_logs "${1:-}" ;;
+	*) echo "usage: $0 build|up|down|sh CMD|load TAR...|logs [DIR]" >&2; exit 2 ;;
+	esac
+}
+
+# Sourced (by test/scripts), it only defines the functions.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+	main "$@"
+fi
