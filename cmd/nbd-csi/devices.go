@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -60,20 +59,6 @@ func (f *deviceFlags) open(ctx context.Context) (device.Attacher, error) {
 	}
 	o.Module.Skip = true
 	return device.New(ctx, o)
-}
-
-func parseFlags(fs *flag.FlagSet, args []string, usage string) error {
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbd-csi %s\n\nFlags:\n", usage)
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
-	}
-	return nil
 }
 
 func runAttach(ctx context.Context, args []string, stdout io.Writer) error {
@@ -136,7 +121,7 @@ func runDetach(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("detach", flag.ContinueOnError)
 	var df deviceFlags
 	df.register(fs)
-	id := fs.String("id", "", "backend identity given to `nbd-csi attach --id` (instead of DEVICE)")
+	id := fs.String("id", "", "backend identity given to 'nbd-csi attach --id' (instead of DEVICE)")
 	if err := parseFlags(fs, args, "detach [flags] DEVICE|--id ID"); err != nil {
 		return err
 	}
@@ -175,8 +160,11 @@ func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
 	var df deviceFlags
 	df.register(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parseFlags(fs, args, "devices [--json]"); err != nil {
+	if err := parseFlags(fs, args, "devices [flags]"); err != nil {
 		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())
 	}
 	d, err := df.open(ctx)
 	if err != nil {

@@ -32,8 +32,11 @@ func runExports(ctx context.Context, args []string, stdout io.Writer) error {
 	var sf storeFlags
 	sf.register(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parseFlags(fs, args, "exports [--json] [--store embedded|kubernetes] [--store-path PATH] [--kubeconfig PATH]"); err != nil {
+	if err := parseFlags(fs, args, "exports [flags]"); err != nil {
 		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())
 	}
 	st, err := sf.open(ctx, true)
 	if err != nil {

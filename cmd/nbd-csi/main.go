@@ -9,15 +9,16 @@
 //	nbd-csi detach DEVICE|--id ID            detach a device
 //	nbd-csi devices [--json]                 list nbd devices
 //	nbd-csi exports [--json] [--store-path PATH]  the controller's inventory
-//	nbd-csi version                          print the version
+//	nbd-csi version [--json]                 print the version (also: nbd-csi --version)
 //
+// Flags and arguments may come in any order; "--" ends the flags. Exit
+// status: 0 success (and --help), 1 failure, 2 usage error.
 // See docs/cli.md for every flag and the JSON field names.
 package main
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -48,6 +49,13 @@ func commands() []command {
 // errUsage marks errors caused by bad command-line use (exit status 2).
 var errUsage = errors.New("usage")
 
+// Exit statuses (docs/cli.md).
+const (
+	exitOK      = 0
+	exitFailure = 1
+	exitUsage   = 2
+)
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
@@ -56,41 +64,52 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 {
 		usage(stderr)
-		if len(args) == 0 {
-			return 2
+		return exitUsage
+	}
+	name, rest := args[0], args[1:]
+	switch name {
+	case "-h", "-help", "--help", "help":
+		if name == "help" && len(rest) > 0 { // help COMMAND: its --help
+			name, rest = rest[0], []string{"--help"}
+			break
 		}
-		return 0
+		usage(stdout)
+		return exitOK
+	case "-version", "--version":
+		name = "version"
 	}
 	for _, c := range commands() {
-		if c.name != args[0] {
+		if c.name != name {
 			continue
 		}
-		err := c.run(ctx, args[1:], stdout)
+		err := c.run(ctx, rest, stdout)
+		var help *helpError
 		switch {
 		case err == nil:
-			return 0
-		case errors.Is(err, flag.ErrHelp):
-			return 0
+			return exitOK
+		case errors.As(err, &help):
+			fmt.Fprint(stdout, help.text)
+			return exitOK
 		case errors.Is(err, errUsage):
-			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
-			return 2
+			fmt.Fprintf(stderr, "nbd-csi %s: %v\nRun 'nbd-csi %s --help' for usage.\n", c.name, err, c.name)
+			return exitUsage
 		default:
 			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
-			return 1
+			return exitFailure
 		}
 	}
-	fmt.Fprintf(stderr, "nbd-csi: unknown command %q\n", args[0])
-	usage(stderr)
-	return 2
+	fmt.Fprintf(stderr, "nbd-csi: unknown command %q\nRun 'nbd-csi --help' for the commands.\n", name)
+	return exitUsage
 }
 
 func usage(w io.Writer) {
-	fmt.Fprintln(w, "Usage: nbd-csi COMMAND [flags] [args]")
+	fmt.Fprintln(w, "Usage: nbd-csi COMMAND [flags] [args]   (nbd-csi --version: the version)")
 	fmt.Fprintln(w, "\nCommands:")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nRun 'nbd-csi COMMAND --help' for a command's flags; docs/cli.md has them all.")
+	fmt.Fprintln(w, "Exit status: 0 success, 1 failure, 2 usage error.")
 }

@@ -75,15 +75,8 @@ func parseURI(s string) (*nbd.URI, error) {
 func (c *clientFlags) parse(name string, args []string) (*nbd.URI, error) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	c.register(fs)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbd-csi %s [flags] URI\n\nURI: nbd://host[:port]/export, nbds://…, nbd+unix:///export?socket=PATH, nbds+unix://…\n\nFlags:\n", name)
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			return nil, err
-		}
-		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	if err := parseFlags(fs, args, name+" [flags] URI\n\nURI: nbd://host[:port]/export, nbds://…, nbd+unix:///export?socket=PATH, nbds+unix://…"); err != nil {
+		return nil, err
 	}
 	if fs.NArg() != 1 {
 		return nil, fmt.Errorf("%w: want exactly one URI, got %d arguments", errUsage, fs.NArg())

@@ -65,15 +65,8 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 			fs.Var(fl.Value, fl.Name, fl.Usage)
 		}
 	})
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "Usage: nbd-csi serve [flags]\n\nServes the CSI identity service and, per --mode, the node and/or controller service.\n\nFlags:")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+	if err := parseFlags(fs, args, "serve [flags]\n\nServes the CSI identity service and, per --mode, the node and/or controller service."); err != nil {
+		return err
 	}
 	if fs.NArg() != 0 {
 		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"runtime"
@@ -42,10 +43,27 @@ func Commit() string {
 	return "unknown"
 }
 
+// VersionOutput is the JSON document `nbd-csi version --json` prints.
+type VersionOutput struct {
+	Version  string `json:"version"`
+	Commit   string `json:"commit"`
+	Go       string `json:"go"`
+	Platform string `json:"platform"`
+}
+
 func runVersion(_ context.Context, args []string, stdout io.Writer) error {
-	if len(args) != 0 {
+	fs := flag.NewFlagSet("version", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parseFlags(fs, args, "version [--json]"); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
 		return fmt.Errorf("%w: version takes no arguments", errUsage)
 	}
-	_, err := fmt.Fprintf(stdout, "nbd-csi %s (commit %s, %s)\n", Version(), Commit(), runtime.Version())
+	out := VersionOutput{Version: Version(), Commit: Commit(), Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH}
+	if *asJSON {
+		return writeJSON(stdout, out)
+	}
+	_, err := fmt.Fprintf(stdout, "nbd-csi %s (commit %s, %s, %s)\n", out.Version, out.Commit, out.Go, out.Platform)
 	return err
 }
