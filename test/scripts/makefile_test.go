@@ -5,6 +5,7 @@ package scripts
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -43,5 +44,55 @@ func TestMakeDemoInstallsFirst(t *testing.T) {
 	deps, demo := strings.Index(s, "hack/install-deps.sh demo\n"), strings.Index(s, "hack/demo.sh\n")
 	if deps < 0 || demo < 0 || deps > demo {
 		t.Errorf("make demo does not run hack/install-deps.sh demo before hack/demo.sh:\n%s", s)
+	}
+}
+
+// TestCIRunInstallsThenTests runs .ci/run in a scratch repository with
+// stub programs: as a non-root user it must install the packages of the
+// group "test" through sudo and hack/install-deps.sh (the same step make
+// test runs), then run make test, and stop if the install fails.
+func TestCIRunInstallsThenTests(t *testing.T) {
+	src, err := os.ReadFile(filepath.Join(repoRoot(t), ".ci/run"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, installFails := range []bool{false, true} {
+		repo, stubs := t.TempDir(), t.TempDir()
+		calls := filepath.Join(repo, "calls")
+		rc := "0"
+		if installFails {
+			rc = "1"
+		}
+		for path, body := range map[string]string{
+			filepath.Join(repo, ".ci/run"):              string(src),
+			filepath.Join(repo, "hack/install-deps.sh"): "#!/bin/bash\necho \"install-deps $* uid=$(id -u)\" >> " + calls + "\nexit " + rc + "\n",
+			filepath.Join(stubs, "sudo"):                "#!/bin/bash\necho \"sudo $*\" >> " + calls + "\nFAKE_UID=0 exec \"$@\"\n",
+			filepath.Join(stubs, "id"):                  "#!/bin/bash\necho ${FAKE_UID:-1000}\n",
+			filepath.Join(stubs, "go"):                  "#!/bin/bash\necho \"go $*\" >> " + calls + "\n",
+			filepath.Join(stubs, "make"):                "#!/bin/bash\necho \"make $*\" >> " + calls + "\n",
+		} {
+			if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(path, []byte(body), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cmd := exec.Command("/bin/bash", filepath.Join(repo, ".ci/run"))
+		cmd.Env = []string{"PATH=" + stubs + ":/usr/bin:/bin", "HOME=" + repo}
+		out, err := cmd.CombinedOutput()
+		got, _ := os.ReadFile(calls)
+		want := "sudo hack/install-deps.sh test\ninstall-deps test uid=0\ngo version\nmake test\n"
+		if installFails {
+			want = "sudo hack/install-deps.sh test\ninstall-deps test uid=0\n"
+			if err == nil {
+				t.Errorf(".ci/run succeeded although the install failed:\n%s", out)
+			}
+		} else if err != nil {
+			t.Errorf(".ci/run: %v\n%s", err, out)
+		}
+		if string(got) != want {
+			t.Errorf("install fails %v: .ci/run ran:\n%s\nwant:\n%s", installFails, got, want)
+		}
 	}
 }
