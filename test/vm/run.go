@@ -86,8 +86,9 @@ type Result struct {
 	Total time.Duration
 	// Kernel is the release of the booted kernel (uname -r).
 	Kernel string
-	// Accel is the accelerator the VM ran with (AccelKVM or AccelTCG).
-	Accel string
+	// Accel is the accelerator the VM ran with (AccelKVM or AccelTCG),
+	// AccelReason why (see ChooseAccel).
+	Accel, AccelReason string
 }
 
 // String summarises the timings of r.
@@ -129,7 +130,7 @@ func RunDetailed(ctx context.Context, cfg Config) (Result, error) {
 		return res, err
 	}
 	logf("%s", choice)
-	cfg.Accel, res.Accel = choice.Accel, choice.Accel
+	cfg.Accel, res.Accel, res.AccelReason = choice.Accel, choice.Accel, choice.Reason
 	base, err := ensureBase(ctx, cfg, k, logf)
 	if err != nil {
 		return res, fmt.Errorf("vm: %w", err)

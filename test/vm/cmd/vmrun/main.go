@@ -167,6 +167,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if quiet && res.ExitCode != 0 {
 		_, _ = stdout.Write(buffered.Bytes())
 	}
+	if quiet { // the console, which says it too, was not shown
+		fmt.Fprintf(stderr, "vmrun: accelerator %s (%s)\n", res.Accel, res.AccelReason)
+	}
 	fmt.Fprintf(stderr, "vmrun: %s\n", res)
 	return res.ExitCode
 }
