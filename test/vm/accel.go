@@ -152,8 +152,18 @@ func (p accelProbe) choose(ctx context.Context) (AccelChoice, error) {
 		c = AccelChoice{AccelKVM, fmt.Sprintf("KVM probe boot reached the root mount in %s", took.Round(10*time.Millisecond))}
 	}
 	if cache != "" {
+		// Atomically, for concurrent rigs; a cache: a failed write only
+		// costs the next run a probe.
 		if data, err := json.Marshal(c); err == nil {
-			_ = os.WriteFile(cache, data, 0o644) // a cache: a failed write only costs the next probe
+			if f, err := os.CreateTemp(p.cacheDir, ".accel-probe-*"); err == nil {
+				_, werr := f.Write(data)
+				if cerr := f.Close(); werr == nil && cerr == nil {
+					werr = os.Rename(f.Name(), cache)
+				}
+				if werr != nil {
+					_ = os.Remove(f.Name())
+				}
+			}
 		}
 	}
 	return c, nil
