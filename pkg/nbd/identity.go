@@ -85,12 +85,9 @@ func CanonicalHost(h string) string {
 	if a, err := netip.ParseAddr(h); err == nil {
 		return a.Unmap().String()
 	}
-	if a, ok := parseInetAton(h); ok {
-		return a.String()
-	}
 	h = strings.ToLower(h)
-	if len(h) > 1 {
-		h = strings.TrimSuffix(h, ".")
+	if t := strings.TrimRight(h, "."); t != "" {
+		h = t
 	}
 	if a, err := netip.ParseAddr(h); err == nil {
 		return a.Unmap().String()
