@@ -574,6 +574,9 @@ func (b *Bolt) Claim(req ClaimRequest) (*Export, error) {
 			if e.Size < req.MinSize {
 				return fmt.Errorf("%w: volume %q already exists with %d bytes, less than the %d requested", ErrConflict, req.VolumeName, e.Size, req.MinSize)
 			}
+			if req.Fits != nil && !req.Fits(&e) {
+				return fmt.Errorf("%w: volume %q already exists on export %q, which this request would not choose", ErrConflict, req.VolumeName, e.Name)
+			}
 			out = &e
 			return nil
 		}

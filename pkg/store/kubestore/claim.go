@@ -130,6 +130,9 @@ func (s *Store) bind(c context.Context, vol *api.NBDVolume, req store.ClaimReque
 		if e.Size < req.MinSize {
 			return nil, false, fmt.Errorf("%w: volume %q already exists with %d bytes, less than the %d requested", store.ErrConflict, req.VolumeName, e.Size, req.MinSize)
 		}
+		if req.Fits != nil && !req.Fits(&e) {
+			return nil, false, fmt.Errorf("%w: volume %q already exists on export %q, which this request would not choose", store.ErrConflict, req.VolumeName, e.Name)
+		}
 		return &e, true, nil
 	}
 	if err == nil && o.Status.Phase == string(store.PhaseAvailable) {

@@ -57,6 +57,10 @@ func Run(t *testing.T, f Factory) {
 		if _, err := claim(s, "pvc-a", 6<<30); !errors.Is(err, store.ErrConflict) {
 			t.Errorf("same name, larger size: %v, want ErrConflict", err)
 		}
+		if _, err := s.Claim(store.ClaimRequest{VolumeName: "pvc-a", VolumeID: "id-pvc-a", Server: srv, MinSize: 1,
+			Fits: func(e *store.Export) bool { return e.Name != "e002" }}); !errors.Is(err, store.ErrConflict) {
+			t.Errorf("same name, a request its export does not fit: %v, want ErrConflict", err)
+		}
 		_, err = claim(s, "pvc-b", 20<<30)
 		var ce *store.CapacityError
 		if !errors.As(err, &ce) || ce.LargestFree != 10<<30 || ce.Free != 3 {
