@@ -51,9 +51,14 @@ type CorruptError struct {
 	Reason string
 }
 
+// reason is the text of a recovered bbolt panic.
+func reason(r any) string {
+	return strings.TrimPrefix(fmt.Sprint(r), "panic: ")
+}
+
 // Error implements error.
 func (e *CorruptError) Error() string {
-	return fmt.Sprintf("store %s is corrupt (%s); see docs/operations.md, \"A damaged embedded store\"", e.Path, e.Reason)
+	return fmt.Sprintf("store %s is corrupt (%s); see docs/operations.md, \"A damaged embedded store\"", e.Path, reason(e.Reason))
 }
 
 // Unwrap returns ErrCorrupt.
@@ -134,7 +139,7 @@ func (b *Bolt) guard(fn func() error) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if r := recover(); r != nil {
-			err = &CorruptError{Path: b.path, Reason: fmt.Sprint(r)}
+			err = &CorruptError{Path: b.path, Reason: reason(r)}
 		}
 	}()
 	return fn()
@@ -154,7 +159,7 @@ func openDB(path string, opts *bolt.Options) (db *bolt.DB, err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if r := recover(); r != nil {
-			db, err = nil, &CorruptError{Path: path, Reason: fmt.Sprint(r)}
+			db, err = nil, &CorruptError{Path: path, Reason: reason(r)}
 		}
 	}()
 	db, err = bolt.Open(path, 0o600, opts)
