@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"sort"
 	"strings"
@@ -376,7 +377,14 @@ func OpenBoltReadOnly(path string) (*Bolt, error) {
 	if !errors.Is(err, bolt.ErrTimeout) {
 		return nil, err
 	}
-	return OpenBoltSnapshot(path, os.TempDir())
+	// Next to the store first: in the controller's container that is the
+	// one writable directory (the root file system is read-only).
+	b, err := OpenBoltSnapshot(path, filepath.Dir(path))
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return OpenBoltSnapshot(path, os.TempDir())
+	}
+	return b, err
 }
 
 // snapshotAttempts bounds the copies OpenBoltSnapshot makes of a file that
