@@ -269,3 +269,17 @@ func TestControllerReadyWithoutListing(t *testing.T) {
 		t.Errorf("Ready decodes the whole store: %v", err)
 	}
 }
+
+// TestControllerInventoryBudget: a server listing more than the store's
+// budget is refused with FailedPrecondition naming the server and limit.
+func TestControllerInventoryBudget(t *testing.T) {
+	many := make([]store.Export, store.MaxServerExports+1)
+	for i := range many {
+		many[i] = store.Export{Name: fmt.Sprint("e", i), Size: 1 << 20}
+	}
+	c, _, _ := newController(t, many...)
+	_, err := c.CreateVolume(context.Background(), createReq("pvc", 1, nil))
+	if code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "tcp:pool.example:10809") || !strings.Contains(err.Error(), strconv.Itoa(store.MaxServerExports)) {
+		t.Errorf("CreateVolume on a server over budget: %v, want FailedPrecondition naming the server and the limit", err)
+	}
+}
