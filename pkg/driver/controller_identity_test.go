@@ -4,6 +4,7 @@ package driver_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/nbd-csi/nbd-csi/internal/servers"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 	"github.com/nbd-csi/nbd-csi/pkg/store"
 )
 
@@ -281,5 +283,32 @@ func TestControllerInventoryBudget(t *testing.T) {
 	_, err := c.CreateVolume(context.Background(), createReq("pvc", 1, nil))
 	if code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "tcp:pool.example:10809") || !strings.Contains(err.Error(), strconv.Itoa(store.MaxServerExports)) {
 		t.Errorf("CreateVolume on a server over budget: %v, want FailedPrecondition naming the server and the limit", err)
+	}
+}
+
+// TestDiscoverBudgetNbdkit: a real server listing more exports than the
+// budget is refused after the listing, before one probe per export.
+// (nbdkit lists at most 10000 exports, under the store's budget of 16384:
+// the discoverer's own bound is lowered to test against it.)
+func TestDiscoverBudgetNbdkit(t *testing.T) {
+	const limit = 100
+	dir := t.TempDir()
+	for i := range limit + 1 {
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprint("e", i)), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv := servers.Nbdkit(t, servers.Unix, "file", "dir="+dir)
+	u, err := nbd.ParseURI(srv.URI(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = driver.NBDDiscoverer{MaxExports: limit}.Discover(context.Background(), u, nil)
+	var be *store.BudgetError
+	if !errors.As(err, &be) || be.Limit != limit || be.Got != limit+1 {
+		t.Errorf("Discover of %d exports = %v, want a BudgetError", limit+1, err)
+	}
+	if got, err := (driver.NBDDiscoverer{MaxExports: limit + 1}).Discover(context.Background(), u, nil); err != nil || len(got) != limit+1 {
+		t.Errorf("Discover within the bound = %d exports, %v", len(got), err)
 	}
 }
