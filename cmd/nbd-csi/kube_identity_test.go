@@ -40,11 +40,15 @@ func TestKubeServerIdentityNbdkit(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	for _, gvr := range []dynamic.NamespaceableResourceInterface{dc.Resource(api.NBDExportResource), dc.Resource(api.NBDVolumeResource)} {
-		if err := gvr.DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
-			t.Fatal(err)
+	clean := func() {
+		for _, gvr := range []dynamic.NamespaceableResourceInterface{dc.Resource(api.NBDExportResource), dc.Resource(api.NBDVolumeResource)} {
+			if err := gvr.DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
+	clean()
+	t.Cleanup(clean) // the other tests of this package share the API server
 	dir := t.TempDir()
 	for _, n := range []string{"e0", "e1"} {
 		if err := os.WriteFile(filepath.Join(dir, n), make([]byte, 1<<20), 0o600); err != nil {
