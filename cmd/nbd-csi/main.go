@@ -24,6 +24,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/nbd-csi/nbd-csi/pkg/store"
 )
 
 // command is one subcommand.
@@ -45,6 +47,10 @@ func commands() []command {
 		{"version", "print the version", runVersion},
 	}
 }
+
+// exitCorruptStore is the exit status for a damaged embedded store
+// (docs/cli.md, docs/operations.md).
+const exitCorruptStore = 3
 
 // errUsage marks errors caused by bad command-line use (exit status 2).
 var errUsage = errors.New("usage")
@@ -95,6 +101,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		case errors.Is(err, errUsage):
 			fmt.Fprintf(stderr, "nbd-csi %s: %v\nRun 'nbd-csi %s --help' for usage.\n", c.name, err, c.name)
 			return exitUsage
+		case errors.Is(err, store.ErrCorrupt):
+			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
+			return exitCorruptStore
 		default:
 			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
 			return exitFailure

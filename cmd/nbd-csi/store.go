@@ -56,8 +56,9 @@ func (f *storeFlags) kubeConfig() (*rest.Config, error) {
 	return cfg, nil
 }
 
-// open opens the store; readOnly opens the embedded file without taking the
-// controller's lock (for nbd-csi exports next to a running controller).
+// open opens the store; readOnly opens the embedded file without waiting
+// for the controller's lock (for nbd-csi exports next to a running
+// controller: it reads a checked snapshot copy).
 func (f *storeFlags) open(ctx context.Context, readOnly bool) (store.Store, error) {
 	switch f.kind {
 	case storeEmbedded:
@@ -79,6 +80,13 @@ func (f *storeFlags) open(ctx context.Context, readOnly bool) (store.Store, erro
 		}
 		if err := s.Check(ctx); err != nil {
 			return nil, err
+		}
+		if !readOnly {
+			// Objects of earlier versions move to server identities.
+			if err := s.Migrate(ctx); err != nil {
+				s.Close()
+				return nil, fmt.Errorf("kubernetes store: migrate: %w", err)
+			}
 		}
 		return s, nil
 	default:

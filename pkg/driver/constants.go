@@ -30,6 +30,13 @@ const (
 	KeyBlockSize = "blockSize"
 	// KeyMkfsOptions are extra options for mkfs, split on whitespace.
 	KeyMkfsOptions = "mkfsOptions"
+	// KeyServerID declares the identity of the export's server (also a
+	// StorageClass parameter), overriding the one derived from the URI
+	// (nbd.URI.ServerKey): for a server reached under two addresses or
+	// names that NBD cannot tell apart. Volumes naming one export must
+	// agree on it; the node ignores it. Up to 253 bytes of letters, digits,
+	// ".", "-", "_", ":".
+	KeyServerID = "serverID"
 )
 
 // Node-stage secret keys (the kubernetes.io/tls convention).

@@ -7,6 +7,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
+	"math"
+	"net/url"
 	"path"
 	"strings"
 	"sync"
@@ -36,6 +39,9 @@ type ControllerOptions struct {
 	// that exports that appear or vanish show in the inventory without a
 	// request (0: no background scans).
 	ScanInterval time.Duration
+	// Resolver resolves server names when identities are checked for
+	// overlap (nil: net.DefaultResolver).
+	Resolver nbd.Resolver
 }
 
 // ControllerService implements the CSI controller service: provisioning
@@ -48,15 +54,21 @@ type ControllerService struct {
 	volumes *inflight // volume names and IDs
 
 	mu       sync.Mutex
-	scanned  map[string]time.Time // server URI → last successful scan
+	scanned  map[string]time.Time // server identity → last successful scan
 	scanLock map[string]*sync.Mutex
-	// servers remembers each server seen in a request with the TLS
-	// material it came with (in memory only), for background scans.
+	// servers remembers each server seen in a request (by identity) with
+	// the TLS material it came with (in memory only), for background scans.
 	servers map[string]knownServer
+	// endpoints maps each endpoint a known server resolved to (the
+	// nbd.ResolveServer form) to the server's identity, to refuse a second
+	// identity for an endpoint; seeded from the store's inventory once.
+	endpoints map[string]string
+	seed      sync.Once
 }
 
 // knownServer is a server to rescan in the background.
 type knownServer struct {
+	id  string
 	uri *nbd.URI
 	tls *nbd.TLSOptions
 }
@@ -72,7 +84,8 @@ func NewControllerService(opts ControllerOptions, st store.Store, disc Discovere
 		opts.ScanTimeout = 30 * time.Second
 	}
 	return &ControllerService{opts: opts, store: st, disc: disc, volumes: newInflight(),
-		scanned: map[string]time.Time{}, scanLock: map[string]*sync.Mutex{}, servers: map[string]knownServer{}}
+		scanned: map[string]time.Time{}, scanLock: map[string]*sync.Mutex{}, servers: map[string]knownServer{},
+		endpoints: map[string]string{}}
 }
 
 // Start rescans every server seen so far each ScanInterval until ctx ends.
@@ -96,7 +109,7 @@ func (s *ControllerService) Start(ctx context.Context) {
 			}
 			s.mu.Unlock()
 			for _, k := range known {
-				if err := s.scan(ctx, k.uri, k.tls, s.opts.ScanInterval/2); err != nil {
+				if err := s.scan(ctx, k.id, k.uri, k.tls, s.opts.ScanInterval/2); err != nil {
 					logger(ctx).Error(err, "Background scan failed; the inventory keeps its last state", "server", k.uri.String())
 				}
 			}
@@ -104,9 +117,10 @@ func (s *ControllerService) Start(ctx context.Context) {
 	}()
 }
 
-// Ready is the controller's part of Probe: the store must answer.
+// Ready is the controller's part of Probe: the store must answer (its
+// counters: constant time whatever the inventory's size).
 func (s *ControllerService) Ready(context.Context) error {
-	_, err := s.store.Exports()
+	_, err := s.store.Stats()
 	return err
 }
 
@@ -117,9 +131,9 @@ func volumeID(name string) string {
 	return DynamicVolumePrefix + hex.EncodeToString(h[:16])
 }
 
-// scan refreshes a server's inventory when it is older than max (0: always).
-func (s *ControllerService) scan(ctx context.Context, server *nbd.URI, tls *nbd.TLSOptions, maxAge time.Duration) error {
-	key := server.String()
+// scan refreshes the inventory of the server with identity key (reached
+// at server) when it is older than max (0: always).
+func (s *ControllerService) scan(ctx context.Context, key string, server *nbd.URI, tls *nbd.TLSOptions, maxAge time.Duration) error {
 	s.mu.Lock()
 	l := s.scanLock[key]
 	if l == nil {
@@ -135,11 +149,14 @@ func (s *ControllerService) scan(ctx context.Context, server *nbd.URI, tls *nbd.
 	if maxAge > 0 && time.Since(last) < maxAge {
 		return nil
 	}
-	s.mu.Lock()
-	s.servers[key] = knownServer{uri: server, tls: tls}
-	s.mu.Unlock()
 	sctx, cancel := context.WithTimeout(ctx, s.opts.ScanTimeout)
 	defer cancel()
+	if err := s.checkEndpoints(sctx, key, server); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.servers[key] = knownServer{id: key, uri: server, tls: tls}
+	s.mu.Unlock()
 	found, err := s.disc.Discover(sctx, server, tls)
 	if err != nil {
 		return err
@@ -155,16 +172,21 @@ func (s *ControllerService) scan(ctx context.Context, server *nbd.URI, tls *nbd.
 }
 
 // ensureInventory scans when the inventory is stale; a failed scan is fatal
-// only if nothing is known about the server yet.
+// only if nothing is known about the server yet. An identity conflict and
+// an inventory over budget are always fatal.
 func (s *ControllerService) ensureInventory(ctx context.Context, p *poolParams, tls *nbd.TLSOptions) error {
-	err := s.scan(ctx, p.server, tls, s.opts.ScanMaxAge)
+	err := s.scan(ctx, p.id, p.server, tls, s.opts.ScanMaxAge)
 	if err == nil {
 		return nil
+	}
+	var ie *identityError
+	if errors.As(err, &ie) || errors.Is(err, store.ErrBudget) {
+		return status.Error(codes.FailedPrecondition, err.Error())
 	}
 	all, serr := s.store.Exports()
 	if serr == nil {
 		for _, e := range all {
-			if e.Server == p.server.String() {
+			if e.Server == p.id {
 				logger(ctx).Error(err, "Scan failed; using the last inventory", "server", e.Server)
 				return nil
 			}
@@ -215,6 +237,9 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	if name == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume name is required")
 	}
+	if err := store.CheckName("volume name", name); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return nil, err
 	}
@@ -242,7 +267,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	}
 	writer := writable(req.GetVolumeCapabilities())
 	e, err := s.store.Claim(store.ClaimRequest{
-		VolumeName: name, VolumeID: volumeID(name), Server: p.server.String(), MinSize: uint64(required),
+		VolumeName: name, VolumeID: volumeID(name), Server: p.id, MinSize: uint64(required),
 		VolumeContext: p.volumeContext, Wipe: p.wipe,
 		Fits: func(e *store.Export) bool {
 			if ok, _ := path.Match(p.filter, e.Name); !ok {
@@ -262,6 +287,8 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 		return nil, status.Errorf(codes.OutOfRange, "no available export on %s has %d bytes; the largest free one has %d (of %d free)", p.server, required, ce.LargestFree, ce.Free)
 	case errors.Is(err, store.ErrConflict):
 		return nil, status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, store.ErrInvalid):
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	case err != nil:
 		return nil, status.Errorf(codes.Internal, "claim: %v", err)
 	}
@@ -270,7 +297,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	}
 	logger(ctx).Info("Provisioned", "volume", e.VolumeID, "export", e.Name, "server", e.Server, "bytes", e.Size)
 	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
-		VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext,
+		VolumeId: e.VolumeID, CapacityBytes: capacity(ctx, e), VolumeContext: e.VolumeContext,
 	}}, nil
 }
 
@@ -317,6 +344,143 @@ func (s *ControllerService) DeleteVolume(ctx context.Context, req *csi.DeleteVol
 	}
 	logger(ctx).Info("Released", "export", e.Name, "server", e.Server)
 	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// capacity is an export's size as CSI's int64, clamped (and logged) for
+// exports of 2^63 bytes or more.
+func capacity(ctx context.Context, e *store.Export) int64 {
+	return clampSize(ctx, "export "+e.Name+" of "+e.Server, e.Size)
+}
+
+// clampSize converts a byte count to int64, clamping at math.MaxInt64 and
+// saying so.
+func clampSize(ctx context.Context, what string, n uint64) int64 {
+	if n > math.MaxInt64 {
+		logger(ctx).Info("Size exceeds what CSI can express; reporting math.MaxInt64", "what", what, "bytes", n, "reported", int64(math.MaxInt64))
+		return math.MaxInt64
+	}
+	return int64(n)
+}
+
+// addSize adds without wrapping (saturates at the uint64 maximum).
+func addSize(a, b uint64) uint64 {
+	if a > math.MaxUint64-b {
+		return math.MaxUint64
+	}
+	return a + b
+}
+
+// identityError: one endpoint reached under two server identities.
+type identityError struct {
+	server, id, endpoint, other string
+}
+
+func (e *identityError) Error() string {
+	return fmt.Sprintf("server %s (identity %s) reaches %s, which the server with identity %s also reaches: "+
+		"NBD cannot tell whether they are one server, and one export must never be claimed twice; "+
+		"name the server the same way in every StorageClass and PersistentVolume, or declare one serverID for both", e.server, e.id, e.endpoint, e.other)
+}
+
+// checkEndpoints resolves server and refuses it when an endpoint it
+// reaches belongs to another known identity (e.g. nbd://localhost:P beside
+// nbd://127.0.0.1:P, a symbolic link to a socket beside the socket). The
+// identities recorded in the store are resolved once per process, so a
+// restart does not forget them.
+func (s *ControllerService) checkEndpoints(ctx context.Context, key string, server *nbd.URI) error {
+	s.seed.Do(func() {
+		if all, err := s.store.Exports(); err == nil {
+			seen := map[string]bool{}
+			for _, e := range all {
+				if seen[e.Server] || e.Server == key {
+					continue
+				}
+				seen[e.Server] = true
+				if u := uriOfIdentity(e.Server); u != nil {
+					if eps, err := nbd.ResolveServer(ctx, u, s.opts.Resolver); err == nil {
+						s.mu.Lock()
+						for _, ep := range eps {
+							if _, taken := s.endpoints[ep]; !taken {
+								s.endpoints[ep] = e.Server
+							}
+						}
+						s.mu.Unlock()
+					}
+				}
+			}
+		}
+	})
+	eps, err := nbd.ResolveServer(ctx, server, s.opts.Resolver)
+	if err != nil {
+		// A name that does not resolve cannot be dialled either: the scan
+		// fails at Discover, and claims keep to the inventory checked
+		// when it last resolved.
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, ep := range eps {
+		if other, ok := s.endpoints[ep]; ok && other != key {
+			return &identityError{server: server.String(), id: key, endpoint: ep, other: other}
+		}
+	}
+	for _, ep := range eps {
+		s.endpoints[ep] = key
+	}
+	return nil
+}
+
+// uriOfIdentity returns a URI reaching a derived server identity
+// (tcp:HOST:PORT, unix:PATH), or nil for a declared one (id:NAME).
+func uriOfIdentity(id string) *nbd.URI {
+	var raw string
+	switch {
+	case strings.HasPrefix(id, "tcp:"):
+		raw = "nbd://" + strings.TrimPrefix(id, "tcp:")
+	case strings.HasPrefix(id, "unix:@"):
+		raw = "nbd+unix:///?socket=" + url.QueryEscape("\x00"+strings.TrimPrefix(id, "unix:@"))
+	case strings.HasPrefix(id, "unix:"):
+		raw = "nbd+unix:///?socket=" + url.QueryEscape(strings.TrimPrefix(id, "unix:"))
+	default:
+		return nil
+	}
+	u, err := nbd.ParseURI(raw)
+	if err != nil {
+		return nil
+	}
+	return u
+}
+
+// staticExportIdentity is the export identity of a static volume's
+// context: its declared serverID, else the identity of a known server its
+// URI reaches (so nbd://localhost:P/e fences against a pool named
+// nbd://127.0.0.1:P), else its URI's own.
+func (s *ControllerService) staticExportIdentity(ctx context.Context, vc map[string]string) (string, error) {
+	key, err := exportIdentity(vc)
+	if err != nil || vc[KeyServerID] != "" {
+		return key, err
+	}
+	p, _ := ParseVolumeContext(vc)
+	rctx, cancel := context.WithTimeout(ctx, s.opts.ScanTimeout)
+	defer cancel()
+	eps, err := nbd.ResolveServer(rctx, p.URI, s.opts.Resolver)
+	if err != nil {
+		return key, nil // unresolvable now: its own identity
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	known := ""
+	for _, ep := range eps {
+		if id, ok := s.endpoints[ep]; ok {
+			if known != "" && id != known {
+				return "", &identityError{server: p.URI.String(), id: p.URI.ServerKey(), endpoint: ep, other: id + " and " + known}
+			}
+			known = id
+		}
+	}
+	if known != "" {
+		return nbd.JoinExportKey(known, p.URI.Export), nil
+	}
+	return key, nil
 }
 
 // isDynamic reports whether the controller made the volume ID.

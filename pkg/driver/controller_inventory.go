@@ -28,6 +28,9 @@ type Discoverer interface {
 type NBDDiscoverer struct {
 	// Parallel bounds the probes in flight per scan (default 8).
 	Parallel int
+	// MaxExports refuses a listing of more exports before probing them
+	// (default, and at most, store.MaxServerExports: the store's budget).
+	MaxExports int
 }
 
 var _ Discoverer = NBDDiscoverer{}
@@ -44,6 +47,18 @@ func (d NBDDiscoverer) Discover(ctx context.Context, server *nbd.URI, tls *nbd.T
 	list, err := nbd.List(ctx, server, tlsOption(tls)...)
 	if err != nil {
 		return nil, err
+	}
+	// The store's budget, checked before probing every export (a listing
+	// over it would cost one probe per entry, then be refused).
+	names := make([]store.Export, len(list))
+	for i, e := range list {
+		names[i] = store.Export{Name: e.Name, Description: e.Description}
+	}
+	if err := store.CheckBudget(server.String(), names); err != nil {
+		return nil, err
+	}
+	if d.MaxExports > 0 && len(list) > d.MaxExports {
+		return nil, &store.BudgetError{Server: server.String(), What: "exports", Got: len(list), Limit: d.MaxExports}
 	}
 	par := d.Parallel
 	if par <= 0 {

@@ -29,6 +29,9 @@ const (
 // poolParams are validated StorageClass parameters.
 type poolParams struct {
 	server *nbd.URI
+	// id is the server's identity: "id:"+serverID when declared, else
+	// server.ServerKey().
+	id     string
 	filter string
 	wipe   bool
 	// nodeContext are the node keys to pass through.
@@ -42,11 +45,11 @@ func parsePoolParams(params map[string]string) (*poolParams, error) {
 	for k, v := range params {
 		switch {
 		case strings.Contains(k, "/"):
-		case k == ParamServer, k == ParamExportFilter, k == ParamWipeOnDelete:
+		case k == ParamServer, k == ParamExportFilter, k == ParamWipeOnDelete, k == KeyServerID:
 		case nodeKeys[k] && k != KeyURI:
 			p.nodeContext[k] = v
 		default:
-			return nil, fmt.Errorf("parameter %q is unknown (known: server, exportFilter, wipeOnDelete, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions)", k)
+			return nil, fmt.Errorf("parameter %q is unknown (known: server, serverID, exportFilter, wipeOnDelete, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions)", k)
 		}
 	}
 	raw := params[ParamServer]
@@ -61,6 +64,15 @@ func parsePoolParams(params map[string]string) (*poolParams, error) {
 		return nil, fmt.Errorf("parameter %q must name a server, not an export (got export %q)", ParamServer, u.Export)
 	}
 	p.server = u
+	p.id = u.ServerKey()
+	if sid, ok := params[KeyServerID]; ok {
+		id, err := serverIdentity(sid)
+		if err != nil {
+			return nil, err
+		}
+		p.id = id
+		p.nodeContext[KeyServerID] = sid
+	}
 	if f, ok := params[ParamExportFilter]; ok {
 		if _, err := path.Match(f, ""); err != nil || f == "" {
 			return nil, fmt.Errorf("parameter %q: %q is not a valid glob", ParamExportFilter, f)
@@ -83,6 +95,35 @@ func parsePoolParams(params map[string]string) (*poolParams, error) {
 		return nil, fmt.Errorf("parameters: %w", err)
 	}
 	return p, nil
+}
+
+// serverIdentity validates a declared serverID and returns the identity.
+func serverIdentity(sid string) (string, error) {
+	if sid == "" || len(sid) > 253 {
+		return "", fmt.Errorf("parameter %q: want 1 to 253 bytes, got %d", KeyServerID, len(sid))
+	}
+	for _, c := range sid {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_' || c == ':') {
+			return "", fmt.Errorf("parameter %q: %q holds %q; use letters, digits, '.', '-', '_', ':'", KeyServerID, sid, c)
+		}
+	}
+	return "id:" + sid, nil
+}
+
+// exportIdentity is the identity of the export a volume context names:
+// its declared serverID or its URI's server, and the export name.
+func exportIdentity(vc map[string]string) (string, error) {
+	p, err := ParseVolumeContext(vc)
+	if err != nil {
+		return "", err
+	}
+	server := p.URI.ServerKey()
+	if sid, ok := vc[KeyServerID]; ok {
+		if server, err = serverIdentity(sid); err != nil {
+			return "", err
+		}
+	}
+	return nbd.JoinExportKey(server, p.URI.Export), nil
 }
 
 // volumeContext is what a claimed export's volume carries to the node.

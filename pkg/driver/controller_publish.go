@@ -51,16 +51,27 @@ func (s *ControllerService) ControllerPublishVolume(ctx context.Context, req *cs
 	if err != nil {
 		return nil, err
 	}
+	if err := errors.Join(store.CheckName("volume ID", id), store.CheckName("node ID", node)); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	e, err := s.lookupVolume(id)
 	if err != nil {
 		return nil, err
 	}
+	// Fencing is by export: every volume naming one export (dynamic or
+	// static, whatever the spelling of its server) shares one identity.
+	var export string
 	if e == nil {
 		// A static volume (a hand-written PV) is known by its volume
 		// context; an ID with neither a record nor a URI does not exist.
 		if _, perr := ParseVolumeContext(req.GetVolumeContext()); perr != nil {
 			return nil, status.Errorf(codes.NotFound, "volume %s does not exist (no provisioned volume, and no valid static volume context: %v)", id, perr)
 		}
+		if export, err = s.staticExportIdentity(ctx, req.GetVolumeContext()); err != nil {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s: %v", id, err)
+		}
+	} else {
+		export = store.ExportKey(store.ServerIdentity(e.Server), e.Name)
 	}
 	readOnly := req.GetReadonly() || c.readOnly
 	if e != nil && e.ReadOnly && !readOnly {
@@ -70,13 +81,17 @@ func (s *ControllerService) ControllerPublishVolume(ctx context.Context, req *cs
 		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", id)
 	}
 	defer s.volumes.Release(id)
-	err = s.store.Publish(store.Attachment{VolumeID: id, NodeID: node, ReadOnly: readOnly})
+	err = s.store.Publish(store.Attachment{VolumeID: id, NodeID: node, ReadOnly: readOnly, Export: export})
 	var he *store.HeldError
 	switch {
+	case errors.As(err, &he) && he.Holder != "" && he.Holder != id:
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s names an export that volume %s holds on node %s: an NBD export can have one writing node", id, he.Holder, he.NodeID)
 	case errors.As(err, &he):
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is held by node %s: an NBD export can have one writing node", id, he.NodeID)
 	case errors.Is(err, store.ErrConflict):
 		return nil, status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, store.ErrInvalid):
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	case err != nil:
 		return nil, status.Errorf(codes.Internal, "record publish: %v", err)
 	}
@@ -176,7 +191,7 @@ func (s *ControllerService) ListVolumes(ctx context.Context, req *csi.ListVolume
 		}
 		st := &csi.ListVolumesResponse_VolumeStatus{PublishedNodeIds: nodes}
 		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
-			Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext},
+			Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: capacity(ctx, &e), VolumeContext: e.VolumeContext},
 			Status: st,
 		})
 	}
@@ -216,15 +231,15 @@ func (s *ControllerService) GetCapacity(ctx context.Context, req *csi.GetCapacit
 			continue
 		}
 		if p != nil {
-			if ok, _ := path.Match(p.filter, e.Name); !ok || e.Server != p.server.String() {
+			if ok, _ := path.Match(p.filter, e.Name); !ok || e.Server != p.id {
 				continue
 			}
 		}
-		total += e.Size
+		total = addSize(total, e.Size)
 		largest = max(largest, e.Size)
 	}
-	resp := &csi.GetCapacityResponse{AvailableCapacity: int64(total)}
-	resp.MaximumVolumeSize = wrapperspb.Int64(int64(largest))
+	resp := &csi.GetCapacityResponse{AvailableCapacity: clampSize(ctx, "available capacity", total)}
+	resp.MaximumVolumeSize = wrapperspb.Int64(clampSize(ctx, "largest available export", largest))
 	return resp, nil
 }
 
@@ -240,7 +255,7 @@ func (s *ControllerService) ControllerGetVolume(ctx context.Context, req *csi.Co
 	}
 	st := &csi.ControllerGetVolumeResponse_VolumeStatus{PublishedNodeIds: nodes}
 	return &csi.ControllerGetVolumeResponse{
-		Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext}, Status: st,
+		Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: capacity(ctx, e), VolumeContext: e.VolumeContext}, Status: st,
 	}, nil
 }
 
@@ -279,7 +294,10 @@ func (s *ControllerService) ControllerGetVolumeHealth(ctx context.Context, req *
 // requested size (grown on the server); NBD has no resize command that
 // servers implement, so the controller cannot grow it.
 func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
-	required := req.GetCapacityRange().GetRequiredBytes()
+	required, limit := req.GetCapacityRange().GetRequiredBytes(), req.GetCapacityRange().GetLimitBytes()
+	if required < 0 || limit < 0 || (limit > 0 && limit < required) {
+		return nil, status.Errorf(codes.InvalidArgument, "capacity range required=%d limit=%d is invalid", required, limit)
+	}
 	e, err := s.existingVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
@@ -305,7 +323,7 @@ func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi
 	// Node expansion also for raw block volumes: the kernel device keeps
 	// the size negotiated at attach until NodeExpandVolume renews its
 	// connections (the kubelet calls it for block volumes too).
-	return &csi.ControllerExpandVolumeResponse{CapacityBytes: int64(size), NodeExpansionRequired: true}, nil
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: clampSize(ctx, "export "+e.Name, size), NodeExpansionRequired: true}, nil
 }
 
 // knownTLS returns the TLS material last used for a server (from a

@@ -43,6 +43,7 @@ type VolumeParams struct {
 var nodeKeys = map[string]bool{
 	KeyURI: true, KeyConnections: true, KeyTimeout: true,
 	KeyDeadConnectionTimeout: true, KeyBlockSize: true, KeyMkfsOptions: true,
+	KeyServerID: true, // the controller's (fencing by export); the node ignores it
 }
 
 // ParseVolumeContext validates a volume context. Keys containing "/" are
@@ -52,7 +53,7 @@ var nodeKeys = map[string]bool{
 func ParseVolumeContext(vc map[string]string) (*VolumeParams, error) {
 	for k := range vc {
 		if !nodeKeys[k] && !strings.Contains(k, "/") {
-			return nil, fmt.Errorf("volume context: unknown key %q (known: uri, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions)", k)
+			return nil, fmt.Errorf("volume context: unknown key %q (known: uri, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions, serverID)", k)
 		}
 	}
 	p := &VolumeParams{Connections: 1, DeadConnTimeout: defaultDeadConnTmo}

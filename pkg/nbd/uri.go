@@ -147,6 +147,15 @@ func ParseURI(s string) (*URI, error) {
 			return nil, fmt.Errorf("%w: host %q: an IPv6 address goes in brackets, e.g. nbd://[::1]:10809", ErrBadURI, u.Host)
 		}
 	}
+	if i := strings.IndexByte(out.Host, '%'); i >= 0 {
+		// An IPv6 zone names a network interface: letters, digits, ".",
+		// "-", "_" (anything else does not survive formatting the URI).
+		for _, c := range out.Host[i+1:] {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_') {
+				return nil, fmt.Errorf("%w: IPv6 zone %q: want an interface name", ErrBadURI, out.Host[i+1:])
+			}
+		}
+	}
 	out.Port = nbdproto.DefaultPort
 	if p := u.Port(); p != "" {
 		n, err := strconv.Atoi(p)

@@ -29,7 +29,11 @@ const (
 
 // Export is one export of one server.
 type Export struct {
-	// Server is the server URI without export (e.g. nbd://host:10809).
+	// Server is the server's identity: nbd.URI.ServerKey of the URI that
+	// named it (e.g. tcp:127.0.0.1:10809, unix:/run/nbd.sock), or
+	// "id:NAME" when an administrator declared it (serverID). Every
+	// spelling of one server shares one identity, so one export has one
+	// record whatever StorageClass names it.
 	Server string `json:"server"`
 	// Name is the export name.
 	Name string `json:"name"`
@@ -64,6 +68,12 @@ func ExportKey(server, name string) string { return server + "\x00" + name }
 type Attachment struct {
 	VolumeID string `json:"volumeID"`
 	NodeID   string `json:"nodeID"`
+	// Export is the identity of the export the volume names
+	// (ExportKey(server identity, export name)); fencing is by export, so
+	// that two volumes naming one export (a dynamic one and a static PV,
+	// or two static PVs) never have two writers. Empty only in records
+	// written before export fencing existed.
+	Export string `json:"export,omitempty"`
 	// ReadOnly holders may share a volume; a writer holds it alone.
 	ReadOnly bool `json:"readOnly"`
 }
@@ -100,7 +110,73 @@ var (
 	// ErrConflict: a request contradicts what is recorded (e.g. the same
 	// volume name with another server).
 	ErrConflict = errors.New("conflicts with an existing volume")
+	// ErrInvalid: an argument the store cannot record (too long a name).
+	ErrInvalid = errors.New("invalid argument")
+	// ErrBudget: a server's inventory exceeds the store's budget (a
+	// *BudgetError names the server and the limit).
+	ErrBudget = errors.New("inventory over budget")
 )
+
+// Limits every store enforces.
+const (
+	// MaxNameBytes bounds volume names, volume IDs and node IDs (the
+	// embedded store's keys; bbolt refuses keys over 32 KiB).
+	MaxNameBytes = 4096
+	// MaxServerExports bounds the exports recorded for one server.
+	MaxServerExports = 16384
+	// MaxServerInventoryBytes bounds the names and descriptions recorded
+	// for one server, summed.
+	MaxServerInventoryBytes = 16 << 20
+)
+
+// BudgetError says which budget a server's listing exceeds.
+type BudgetError struct {
+	Server string
+	// What is "exports" or "bytes of names and descriptions"; Got and
+	// Limit are counts of it.
+	What       string
+	Got, Limit int
+}
+
+// Error implements error.
+func (e *BudgetError) Error() string {
+	return fmt.Sprintf("server %s lists %d %s, over the limit of %d", e.Server, e.Got, e.What, e.Limit)
+}
+
+// Unwrap returns ErrBudget.
+func (e *BudgetError) Unwrap() error { return ErrBudget }
+
+// CheckBudget returns a *BudgetError when listed exceeds the per-server
+// budget.
+func CheckBudget(server string, listed []Export) error {
+	if len(listed) > MaxServerExports {
+		return &BudgetError{Server: server, What: "exports", Got: len(listed), Limit: MaxServerExports}
+	}
+	n := 0
+	for i := range listed {
+		n += len(listed[i].Name) + len(listed[i].Description)
+	}
+	if n > MaxServerInventoryBytes {
+		return &BudgetError{Server: server, What: "bytes of names and descriptions", Got: n, Limit: MaxServerInventoryBytes}
+	}
+	return nil
+}
+
+// CheckName returns an error wrapping ErrInvalid when a name (volume name,
+// volume ID, node ID) cannot be recorded.
+func CheckName(what, name string) error {
+	if len(name) > MaxNameBytes {
+		return fmt.Errorf("%w: %s is %d bytes, the limit is %d", ErrInvalid, what, len(name), MaxNameBytes)
+	}
+	return nil
+}
+
+// Stats are the inventory's counts, kept up to date on every write so that
+// reading them costs the same whatever the inventory's size.
+type Stats struct {
+	// Phases counts exports by phase.
+	Phases map[Phase]int
+}
 
 // CapacityError says why a claim found no export.
 type CapacityError struct {
@@ -122,11 +198,20 @@ func (e *CapacityError) Error() string {
 // Unwrap returns ErrNoCapacity.
 func (e *CapacityError) Unwrap() error { return ErrNoCapacity }
 
-// HeldError names the node holding a volume.
-type HeldError struct{ VolumeID, NodeID string }
+// HeldError names the node holding a volume, and the volume holding the
+// export when that is another volume naming the same export.
+type HeldError struct {
+	VolumeID, NodeID string
+	// Holder is the other volume holding the export ("" when the volume
+	// itself is held).
+	Holder string
+}
 
 // Error implements error.
 func (e *HeldError) Error() string {
+	if e.Holder != "" && e.Holder != e.VolumeID {
+		return "the export of volume " + e.VolumeID + " is held by volume " + e.Holder + " on node " + e.NodeID
+	}
 	return "volume " + e.VolumeID + " is held read-write by node " + e.NodeID
 }
 
@@ -155,14 +240,34 @@ type Store interface {
 	// Publish records that node holds the volume. A writer is exclusive:
 	// publishing to a second node fails with a *HeldError; read-only
 	// holders may be many. Repeating a publish is fine; the same node with
-	// another readOnly is ErrConflict.
+	// another readOnly is ErrConflict. Fencing is by export: when another
+	// volume naming the same export (a.Export) has holders, a writer on
+	// either side is a *HeldError naming that volume.
 	Publish(a Attachment) error
 	// Unpublish removes a holder; unknown holders are fine.
 	Unpublish(volumeID, nodeID string) error
 	// Holders lists the nodes holding a volume.
 	Holders(volumeID string) ([]Attachment, error)
+	// Stats returns the inventory's counts in constant time (health and
+	// metrics endpoints).
+	Stats() (Stats, error)
 	// Close releases the store.
 	Close() error
+}
+
+// ExportConflict applies fencing by export: given the attachments of the
+// other volumes naming a.Export, it returns a *HeldError when a would share
+// the export with a writer, or be a writer beside any holder.
+func ExportConflict(others []Attachment, a Attachment) error {
+	for _, h := range others {
+		if h.VolumeID == a.VolumeID {
+			continue
+		}
+		if !h.ReadOnly || !a.ReadOnly {
+			return &HeldError{VolumeID: a.VolumeID, NodeID: h.NodeID, Holder: h.VolumeID}
+		}
+	}
+	return nil
 }
 
 // AddHolder applies the fencing rules every store shares: it returns

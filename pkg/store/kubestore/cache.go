@@ -26,6 +26,9 @@ import (
 type exportCache struct {
 	mu     sync.RWMutex
 	byName map[string]*api.NBDExport
+	// phases counts the cached exports by phase, kept on every change so
+	// that Stats costs the same whatever the inventory's size.
+	phases map[string]int
 	synced cache.InformerSynced
 	cancel context.CancelFunc
 }
@@ -35,7 +38,7 @@ func newExportCache(exports interface {
 	Watch(context.Context, metav1.ListOptions) (watch.Interface, error)
 }) *exportCache {
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &exportCache{byName: map[string]*api.NBDExport{}, cancel: cancel}
+	c := &exportCache{byName: map[string]*api.NBDExport{}, phases: map[string]int{}, cancel: cancel}
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 			return exports.List(ctx, o)
@@ -78,9 +81,14 @@ func (c *exportCache) put(obj any) {
 func (c *exportCache) remember(o *api.NBDExport) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if old := c.byName[o.Name]; old != nil && newer(old.ResourceVersion, o.ResourceVersion) {
+	old := c.byName[o.Name]
+	if old != nil && newer(old.ResourceVersion, o.ResourceVersion) {
 		return
 	}
+	if old != nil {
+		c.phases[old.Status.Phase]--
+	}
+	c.phases[o.Status.Phase]++
 	c.byName[o.Name] = o
 }
 
@@ -99,7 +107,10 @@ func (c *exportCache) remove(obj any) {
 	}
 	if u, ok := obj.(*unstructured.Unstructured); ok {
 		c.mu.Lock()
-		delete(c.byName, u.GetName())
+		if old := c.byName[u.GetName()]; old != nil {
+			c.phases[old.Status.Phase]--
+			delete(c.byName, u.GetName())
+		}
 		c.mu.Unlock()
 	}
 }
@@ -118,6 +129,21 @@ func (c *exportCache) list(server, phase string) ([]*api.NBDExport, bool) {
 			cp := *o
 			out = append(out, &cp)
 		}
+	}
+	return out, true
+}
+
+// stats returns the phase counts, and false while the cache has not
+// synced.
+func (c *exportCache) stats() (map[string]int, bool) {
+	if c == nil || !c.synced() {
+		return nil, false
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make(map[string]int, len(c.phases))
+	for p, n := range c.phases {
+		out[p] = n
 	}
 	return out, true
 }

@@ -4,6 +4,7 @@ package kubestore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 
@@ -16,6 +17,9 @@ import (
 
 // Claim implements store.Store.
 func (s *Store) Claim(req store.ClaimRequest) (*store.Export, error) {
+	if err := errors.Join(store.CheckName("volume name", req.VolumeName), store.CheckName("volume ID", req.VolumeID)); err != nil {
+		return nil, err
+	}
 	s.claim.Lock()
 	defer s.claim.Unlock()
 	c, cancel := ctx()
@@ -72,13 +76,15 @@ func (s *Store) Claim(req store.ClaimRequest) (*store.Export, error) {
 }
 
 // choose picks the smallest available fitting export of the request's
-// server (ties by name), or says why there is none.
+// server (ties by name) that no volume holds (a static volume may be
+// published on an export the inventory has as Available), or says why
+// there is none.
 func (s *Store) choose(c context.Context, req store.ClaimRequest) (*api.NBDExport, error) {
 	all, err := s.listExports(c, req.Server, store.PhaseAvailable)
 	if err != nil {
 		return nil, err
 	}
-	var best *api.NBDExport
+	var fits []*api.NBDExport
 	ce := &store.CapacityError{Wanted: req.MinSize}
 	for _, o := range all {
 		if o.Status.Phase != string(store.PhaseAvailable) {
@@ -93,14 +99,22 @@ func (s *Store) choose(c context.Context, req store.ClaimRequest) (*api.NBDExpor
 		if e.Size < req.MinSize {
 			continue
 		}
-		if best == nil || o.Spec.Size < best.Spec.Size || o.Spec.Size == best.Spec.Size && o.Spec.Export < best.Spec.Export {
-			best = o
+		fits = append(fits, o)
+	}
+	sort.Slice(fits, func(i, j int) bool {
+		a, b := fits[i], fits[j]
+		return a.Spec.Size < b.Spec.Size || a.Spec.Size == b.Spec.Size && a.Spec.Export < b.Spec.Export
+	})
+	for _, o := range fits {
+		held, err := s.exportHolders(c, store.ExportKey(o.Spec.Server, o.Spec.Export), "")
+		if err != nil {
+			return nil, err
+		}
+		if len(held) == 0 {
+			return o, nil
 		}
 	}
-	if best == nil {
-		return nil, ce
-	}
-	return best, nil
+	return nil, ce
 }
 
 // bind makes the export the volume record chose claimed by the volume. done
@@ -115,6 +129,9 @@ func (s *Store) bind(c context.Context, vol *api.NBDVolume, req store.ClaimReque
 		e := toStore(o)
 		if e.Size < req.MinSize {
 			return nil, false, fmt.Errorf("%w: volume %q already exists with %d bytes, less than the %d requested", store.ErrConflict, req.VolumeName, e.Size, req.MinSize)
+		}
+		if req.Fits != nil && !req.Fits(&e) {
+			return nil, false, fmt.Errorf("%w: volume %q already exists on export %q, which this request would not choose", store.ErrConflict, req.VolumeName, e.Name)
 		}
 		return &e, true, nil
 	}

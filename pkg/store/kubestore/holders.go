@@ -4,6 +4,7 @@ package kubestore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -29,8 +30,17 @@ func setHolders(vol *api.NBDVolume, hs []store.Attachment) {
 	}
 }
 
-// Publish implements store.Store.
+// Publish implements store.Store. Fencing by export writes first and
+// checks after: the holder is recorded on the volume (labelled with its
+// export), then every other volume labelled with that export is read; on a
+// conflict the holder is taken back. Of two concurrent publishes of one
+// export, the later write's check sees the earlier one (the API server's
+// reads are linearizable), so at most one writer remains; both may lose
+// (and are retried), neither wins wrongly.
 func (s *Store) Publish(a store.Attachment) error {
+	if err := errors.Join(store.CheckName("volume ID", a.VolumeID), store.CheckName("node ID", a.NodeID)); err != nil {
+		return err
+	}
 	c, cancel := ctx()
 	defer cancel()
 	volName := VolumeObjectName(a.VolumeID)
@@ -38,12 +48,16 @@ func (s *Store) Publish(a store.Attachment) error {
 		vol, err := get[api.NBDVolume](c, s.volumes, volName)
 		if apierrors.IsNotFound(err) {
 			vol = &api.NBDVolume{ObjectMeta: metav1.ObjectMeta{Name: volName}, Spec: api.NBDVolumeSpec{VolumeID: a.VolumeID}}
+			setExport(vol, a.Export)
 			setHolders(vol, []store.Attachment{a})
 			_, err = create[api.NBDVolume](c, s.volumes, vol)
 			if apierrors.IsAlreadyExists(err) {
 				continue
 			}
-			return err
+			if err != nil {
+				return err
+			}
+			return s.checkExport(c, volName, a)
 		}
 		if err != nil {
 			return err
@@ -51,16 +65,83 @@ func (s *Store) Publish(a store.Attachment) error {
 		if vol.Spec.VolumeID != a.VolumeID {
 			return fmt.Errorf("%w: object %s records volume %q, not %q", store.ErrConflict, volName, vol.Spec.VolumeID, a.VolumeID)
 		}
+		if len(vol.Status.Holders) > 0 && vol.Spec.ExportKey != "" && a.Export != "" && vol.Spec.ExportKey != a.Export {
+			return fmt.Errorf("%w: volume %s is held by node %s under another export", store.ErrConflict, a.VolumeID, vol.Status.Holders[0].Node)
+		}
 		hs, changed, err := store.AddHolder(holdersOf(vol), a)
 		if err != nil || !changed {
 			return err
 		}
 		setHolders(vol, hs)
+		setExport(vol, a.Export)
 		if retry, err := s.writeHolders(c, vol); !retry {
-			return err
+			if err != nil {
+				return err
+			}
+			return s.checkExport(c, volName, a)
 		}
 	}
 	return fmt.Errorf("publish %s: still conflicting after %d attempts", a.VolumeID, maxAttempts)
+}
+
+// setExport records the export a volume's holders hold, and its label.
+func setExport(vol *api.NBDVolume, export string) {
+	if export == "" {
+		return
+	}
+	vol.Spec.ExportKey = export
+	if vol.Labels == nil {
+		vol.Labels = map[string]string{}
+	}
+	vol.Labels[api.LabelExport] = exportLabel(export)
+}
+
+func exportLabel(export string) string { return hash(32, export) }
+
+// exportHolders lists the holders of the volumes other than volumeID that
+// name export.
+func (s *Store) exportHolders(c context.Context, export, volumeID string) ([]store.Attachment, error) {
+	opts := metav1.ListOptions{LabelSelector: api.LabelExport + "=" + exportLabel(export)}
+	var out []store.Attachment
+	for {
+		l, err := s.volumes.List(c, opts)
+		if err != nil {
+			return nil, fmt.Errorf("list volumes of export: %w", err)
+		}
+		for i := range l.Items {
+			v, err := fromUnstructured[api.NBDVolume](&l.Items[i])
+			if err != nil {
+				return nil, err
+			}
+			if v.Spec.ExportKey == export && v.Spec.VolumeID != volumeID {
+				out = append(out, holdersOf(v)...)
+			}
+		}
+		if opts.Continue = l.GetContinue(); opts.Continue == "" {
+			return out, nil
+		}
+	}
+}
+
+// checkExport runs after a's holder was written: when another volume holds
+// the export in a way a may not share, a's holder is taken back and the
+// *HeldError returned.
+func (s *Store) checkExport(c context.Context, volName string, a store.Attachment) error {
+	if a.Export == "" {
+		return nil
+	}
+	others, err := s.exportHolders(c, a.Export, a.VolumeID)
+	if err == nil {
+		err = store.ExportConflict(others, a)
+	}
+	if err == nil {
+		return nil
+	}
+	// Take the holder back (the publish failed; nothing may keep it).
+	if uerr := s.Unpublish(a.VolumeID, a.NodeID); uerr != nil {
+		return fmt.Errorf("%w (and taking the holder back failed: %v)", err, uerr)
+	}
+	return err
 }
 
 // Unpublish implements store.Store.

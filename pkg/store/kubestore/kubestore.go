@@ -153,6 +153,9 @@ func setPhase(o *api.NBDExport, p store.Phase) {
 
 // SyncExports implements store.Store.
 func (s *Store) SyncExports(server string, listed []store.Export, now time.Time) error {
+	if err := store.CheckBudget(server, listed); err != nil {
+		return err
+	}
 	c, cancel := ctx()
 	defer cancel()
 	known, err := s.listExports(c, server)
@@ -186,6 +189,9 @@ func (s *Store) SyncExports(server string, listed []store.Export, now time.Time)
 				return fmt.Errorf("record export %q of %s: %w", l.Name, server, err)
 			}
 			o = nil // another scan created it: update it below
+		}
+		if o != nil {
+			name = o.Name // migrated objects keep the name of their old spelling
 		}
 		_, err := s.modifyExport(c, name, o, func(o *api.NBDExport) (bool, error) {
 			changed := setSpec(o, l)
@@ -264,6 +270,22 @@ func (s *Store) listExports(c context.Context, server string, phase ...store.Pha
 			return out, nil
 		}
 	}
+}
+
+// Stats implements store.Store from the watch cache's counters; until the
+// cache has synced it is an error (the controller is not ready).
+func (s *Store) Stats() (store.Stats, error) {
+	n, ok := s.cache.stats()
+	if !ok {
+		return store.Stats{}, errors.New("the NBDExport watch has not synced yet")
+	}
+	st := store.Stats{Phases: map[store.Phase]int{store.PhaseAvailable: 0, store.PhaseBound: 0, store.PhaseMissing: 0}}
+	for p, c := range n {
+		if p != "" && c > 0 {
+			st.Phases[store.Phase(p)] = c
+		}
+	}
+	return st, nil
 }
 
 var ErrNoCRDs = errors.New("the nbd-csi custom resources (NBDExport, NBDVolume) are not installed: install the chart's CRDs (charts/nbd-csi/crds)")

@@ -7,6 +7,7 @@ package storetest
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -21,7 +22,8 @@ type Factory struct {
 	Reopen func(t *testing.T, s store.Store) store.Store
 }
 
-const srv = "nbd://pool.example"
+// srv is a server identity (nbd.URI.ServerKey form).
+const srv = "tcp:pool.example:10809"
 
 func pool(sizes ...uint64) []store.Export {
 	var out []store.Export
@@ -54,6 +56,10 @@ func Run(t *testing.T, f Factory) {
 		}
 		if _, err := claim(s, "pvc-a", 6<<30); !errors.Is(err, store.ErrConflict) {
 			t.Errorf("same name, larger size: %v, want ErrConflict", err)
+		}
+		if _, err := s.Claim(store.ClaimRequest{VolumeName: "pvc-a", VolumeID: "id-pvc-a", Server: srv, MinSize: 1,
+			Fits: func(e *store.Export) bool { return e.Name != "e002" }}); !errors.Is(err, store.ErrConflict) {
+			t.Errorf("same name, a request its export does not fit: %v, want ErrConflict", err)
 		}
 		_, err = claim(s, "pvc-b", 20<<30)
 		var ce *store.CapacityError
@@ -150,6 +156,158 @@ func Run(t *testing.T, f Factory) {
 		if err := s.Unpublish("v", "unknown"); err != nil {
 			t.Errorf("unpublish unknown node: %v", err)
 		}
+	})
+
+	t.Run("FencingByExport", func(t *testing.T) {
+		s := f.Open(t)
+		if err := s.SyncExports(srv, pool(1<<30, 1<<30), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		dyn, err := claim(s, "pvc", 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		exp := dyn.Key()
+		if err := s.Publish(store.Attachment{VolumeID: dyn.VolumeID, NodeID: "a", Export: exp}); err != nil {
+			t.Fatal(err)
+		}
+		// Two static volumes naming the dynamic volume's export.
+		var he *store.HeldError
+		for _, st := range []string{"static-1", "static-2"} {
+			err := s.Publish(store.Attachment{VolumeID: st, NodeID: "b", Export: exp})
+			if !errors.As(err, &he) || he.Holder != dyn.VolumeID || he.NodeID != "a" {
+				t.Errorf("writer %s on a held export = %v, want HeldError naming %s on a", st, err, dyn.VolumeID)
+			}
+			if err := s.Publish(store.Attachment{VolumeID: st, NodeID: "b", Export: exp, ReadOnly: true}); !errors.Is(err, store.ErrHeld) {
+				t.Errorf("reader %s beside a writer = %v, want ErrHeld", st, err)
+			}
+		}
+		if err := s.Unpublish(dyn.VolumeID, "a"); err != nil {
+			t.Fatal(err)
+		}
+		// Readers share across volumes; a writer then is refused on either.
+		for _, a := range []store.Attachment{
+			{VolumeID: dyn.VolumeID, NodeID: "a", Export: exp, ReadOnly: true},
+			{VolumeID: "static-1", NodeID: "b", Export: exp, ReadOnly: true},
+			{VolumeID: "static-2", NodeID: "c", Export: exp, ReadOnly: true},
+		} {
+			if err := s.Publish(a); err != nil {
+				t.Errorf("reader %+v: %v", a, err)
+			}
+		}
+		if err := s.Publish(store.Attachment{VolumeID: "static-1", NodeID: "d", Export: exp}); !errors.As(err, &he) || he.Holder == "static-1" {
+			t.Errorf("writer beside readers of other volumes = %v, want HeldError naming another volume", err)
+		}
+		for _, u := range [][2]string{{dyn.VolumeID, "a"}, {"static-1", "b"}, {"static-2", "c"}} {
+			if err := s.Unpublish(u[0], u[1]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// A static volume writing an available export keeps it from
+		// being claimed; unpublished, it is claimable again.
+		other := store.ExportKey(srv, "e001")
+		if dyn.Name == "e001" {
+			other = store.ExportKey(srv, "e000")
+		}
+		if err := s.Publish(store.Attachment{VolumeID: "static-3", NodeID: "b", Export: other}); err != nil {
+			t.Fatal(err)
+		}
+		if e, err := claim(s, "pvc2", 1); !errors.Is(err, store.ErrNoCapacity) {
+			t.Errorf("claimed %+v (%v), an export a static volume holds", e, err)
+		}
+		if err := s.Unpublish("static-3", "b"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := claim(s, "pvc2", 1); err != nil {
+			t.Errorf("claim after the static volume let go: %v", err)
+		}
+		// Released volumes leave no fence behind.
+		if err := s.Publish(store.Attachment{VolumeID: dyn.VolumeID, NodeID: "a", Export: exp}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Release(dyn.VolumeID); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Publish(store.Attachment{VolumeID: "static-1", NodeID: "b", Export: exp}); err != nil {
+			t.Errorf("static writer after the dynamic volume was deleted: %v", err)
+		}
+	})
+
+	t.Run("Limits", func(t *testing.T) {
+		s := f.Open(t)
+		long := strings.Repeat("x", store.MaxNameBytes+1)
+		if err := s.SyncExports(srv, pool(1<<30), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Claim(store.ClaimRequest{VolumeName: long, VolumeID: "id", Server: srv}); !errors.Is(err, store.ErrInvalid) {
+			t.Errorf("claim with a %d-byte name = %v, want ErrInvalid", len(long), err)
+		}
+		if err := s.Publish(store.Attachment{VolumeID: long, NodeID: "n"}); !errors.Is(err, store.ErrInvalid) {
+			t.Errorf("publish with a %d-byte volume ID = %v, want ErrInvalid", len(long), err)
+		}
+		if err := s.Publish(store.Attachment{VolumeID: "v", NodeID: long}); !errors.Is(err, store.ErrInvalid) {
+			t.Errorf("publish with a %d-byte node ID = %v, want ErrInvalid", len(long), err)
+		}
+		many := make([]store.Export, store.MaxServerExports+1)
+		for i := range many {
+			many[i] = store.Export{Name: fmt.Sprint(i), Size: 1}
+		}
+		var be *store.BudgetError
+		if err := s.SyncExports(srv, many, time.Now()); !errors.As(err, &be) || be.Server != srv || be.Limit != store.MaxServerExports {
+			t.Errorf("sync of %d exports = %v, want BudgetError naming the server and limit", len(many), err)
+		}
+		big := []store.Export{{Name: "a", Description: strings.Repeat("d", store.MaxServerInventoryBytes)}}
+		if err := s.SyncExports(srv, big, time.Now()); !errors.As(err, &be) || be.Limit != store.MaxServerInventoryBytes {
+			t.Errorf("sync of %d description bytes = %v, want BudgetError", len(big[0].Description), err)
+		}
+		if all, _ := s.Exports(); len(all) != 1 {
+			t.Errorf("a refused sync changed the inventory: %d exports", len(all))
+		}
+	})
+
+	t.Run("Stats", func(t *testing.T) {
+		s := f.Open(t)
+		check := func(when string) {
+			t.Helper()
+			want := map[store.Phase]int{store.PhaseAvailable: 0, store.PhaseBound: 0, store.PhaseMissing: 0}
+			all, err := s.Exports()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range all {
+				want[e.Phase]++
+			}
+			// The kubernetes store counts from its watch; give it a moment.
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				st, err := s.Stats()
+				if err == nil && fmt.Sprint(st.Phases) == fmt.Sprint(want) {
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Errorf("%s: Stats = %v, %v; want %v", when, st.Phases, err, want)
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+		check("empty")
+		if err := s.SyncExports(srv, pool(1, 2, 3), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		check("after sync")
+		if _, err := claim(s, "pvc", 1); err != nil {
+			t.Fatal(err)
+		}
+		check("after claim")
+		if err := s.SyncExports(srv, pool(1, 2), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		check("after one went missing")
+		if _, err := s.Release("id-pvc"); err != nil {
+			t.Fatal(err)
+		}
+		check("after release")
 	})
 
 	t.Run("ConcurrentClaims", func(t *testing.T) {

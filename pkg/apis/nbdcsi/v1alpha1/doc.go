@@ -27,9 +27,13 @@ var (
 
 // Labels the store sets.
 const (
-	// LabelServer holds a hash of an export's server URI, so that one
+	// LabelServer holds a hash of an export's server identity, so that one
 	// server's exports are listed with a selector.
 	LabelServer = "nbd-csi.io/server"
+	// LabelExport holds a hash of the export identity an NBDVolume names
+	// (spec.exportKey), so that fencing by export finds every volume
+	// naming one export with a selector.
+	LabelExport = "nbd-csi.io/export"
 	// LabelPhase mirrors status.phase for selectors.
 	LabelPhase = "nbd-csi.io/phase"
 )

@@ -27,7 +27,8 @@ type NBDExport struct {
 
 // NBDExportSpec is what the server says about the export.
 type NBDExportSpec struct {
-	// Server is the NBD URI of the server, without an export name.
+	// Server is the identity of the server (tcp:HOST:PORT, unix:PATH or
+	// id:NAME; see docs/architecture.md, "Server identity").
 	// +kubebuilder:validation:MinLength=1
 	Server string `json:"server"`
 	// Export is the export name.
@@ -116,7 +117,8 @@ type NBDVolumeSpec struct {
 	// empty for a static volume.
 	// +optional
 	VolumeName string `json:"volumeName,omitempty"`
-	// Server is the server the volume was provisioned from.
+	// Server is the identity of the server the volume was provisioned
+	// from (tcp:HOST:PORT, unix:PATH or id:NAME).
 	// +optional
 	Server string `json:"server,omitempty"`
 	// Export is the export the claim chose; ExportObject its NBDExport.
@@ -125,6 +127,11 @@ type NBDVolumeSpec struct {
 	Export string `json:"export,omitempty"`
 	// +optional
 	ExportObject string `json:"exportObject,omitempty"`
+	// ExportKey is the identity of the export the volume's holders hold
+	// (server identity, NUL, export name), set by the first publish;
+	// fencing is by export, across every volume naming it.
+	// +optional
+	ExportKey string `json:"exportKey,omitempty"`
 }
 
 // NBDVolumeStatus records the nodes holding the volume.
