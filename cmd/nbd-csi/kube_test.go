@@ -30,7 +30,12 @@ import (
 
 var cluster *kubetest.Cluster
 
-func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, &cluster)) }
+func TestMain(m *testing.M) {
+	if os.Getenv(envRunMain) == "1" {
+		main() // the test binary started as `nbd-csi …` (runserver_test.go)
+	}
+	os.Exit(kubetest.Main(m, &cluster))
+}
 
 // TestServeKubeStore runs `nbd-csi serve --mode=controller --store=kubernetes
 // --leader-election` against a real kube-apiserver and a real nbdkit pool:

@@ -10,6 +10,7 @@
 //	nbd-csi devices [--json]                 list nbd devices
 //	nbd-csi exports [--json] [--store-path PATH]  the controller's inventory
 //	nbd-csi version                          print the version
+//	nbd-csi run-server [flags] -- SERVER ... run an NBD server whose stop drops connections
 //
 // See docs/cli.md for every flag and the JSON field names.
 package main
@@ -42,6 +43,7 @@ func commands() []command {
 		{"devices", "list the kernel's nbd devices and who attached them", runDevices},
 		{"exports", "list the controller's export inventory and claims", runExports},
 		{"version", "print the version", runVersion},
+		{"run-server", "run an NBD server so that stopping it drops connections instead of failing I/O", runRunServer},
 	}
 }
 
