@@ -46,7 +46,7 @@ const RequireEnv = "NBDCSI_REQUIRE_SERVERS"
 // instead of hanging it.
 const (
 	// ReadyTimeout bounds the wait for a started server to greet.
-	ReadyTimeout = 20 * time.Second
+	ReadyTimeout = 60 * time.Second
 	// stopGrace is how long a server has to exit after SIGTERM before it
 	// gets SIGKILL (nbdkit waits for connected clients).
 	stopGrace = 2 * time.Second
