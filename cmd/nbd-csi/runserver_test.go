@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -30,9 +31,9 @@ const nbdESHUTDOWN = 108
 // error replies (CommandError) the writers got, the offsets and contents of
 // the last acknowledged write to each block, and of the last write without
 // a reply (which may or may not have been applied).
-func stopUnderLoad(t *testing.T, srv *servers.Server) (replies []*nbd.CommandError, acked, unacked map[uint64][]byte) {
+func stopUnderLoad(t *testing.T, srv *servers.Server, export string) (replies []*nbd.CommandError, acked, unacked map[uint64][]byte) {
 	t.Helper()
-	u, err := nbd.ParseURI(srv.URI(""))
+	u, err := nbd.ParseURI(srv.URI(export))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,12 +107,36 @@ func stopUnderLoad(t *testing.T, srv *servers.Server) (replies []*nbd.CommandErr
 // requests in flight with ESHUTDOWN (the kernel turns that into EIO); run
 // under `nbd-csi run-server` the same SIGTERM only drops the connections,
 // every write acknowledged before is in the backing file, and the port can
-// be bound again as soon as the wrapper has exited.
+// be bound again as soon as the wrapper has exited — also for qemu-nbd and
+// for nbd-server, which daemonizes (run-server adopts and kills the daemon,
+// or the restart could not bind the port). Bare qemu-nbd and nbd-server send
+// no ESHUTDOWN either (TestKernelServerStop shows the same on the kernel).
 func TestRunServerStopDropsConnections(t *testing.T) {
+	wrap := servers.Wrapper{os.Args[0], "run-server", "--sync", os.TempDir(), "--"}
 	for _, tc := range []struct {
 		name    string
-		wrapper servers.Wrapper
-	}{{"bare", nil}, {"run-server", servers.Wrapper{os.Args[0], "run-server", "--sync", os.TempDir(), "--"}}} {
+		start   func(t *testing.T, img string) (*servers.Server, string)
+		wantESD bool // ESHUTDOWN replies expected
+	}{
+		{"nbdkit/bare", func(t *testing.T, img string) (*servers.Server, string) {
+			return servers.Nbdkit(t, servers.TCP, "file", "file="+img), ""
+		}, true},
+		{"nbdkit/run-server", func(t *testing.T, img string) (*servers.Server, string) {
+			return wrap.Nbdkit(t, servers.TCP, "file", "file="+img), ""
+		}, false},
+		{"qemu-nbd/bare", func(t *testing.T, img string) (*servers.Server, string) {
+			return servers.QemuNBD(t, servers.TCP, "-f", "raw", img), ""
+		}, false},
+		{"qemu-nbd/run-server", func(t *testing.T, img string) (*servers.Server, string) {
+			return wrap.QemuNBD(t, servers.TCP, "-f", "raw", img), ""
+		}, false},
+		{"nbd-server/bare", func(t *testing.T, img string) (*servers.Server, string) {
+			return servers.NBDServer(t, servers.TCP, "[disk]\nexportname = "+img+"\n"), "disk"
+		}, false},
+		{"nbd-server/run-server", func(t *testing.T, img string) (*servers.Server, string) {
+			return wrap.NBDServer(t, servers.TCP, "[disk]\nexportname = "+img+"\n"), "disk"
+		}, false},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv(envRunMain, "1") // inherited by the wrapper process only
 			img := filepath.Join(t.TempDir(), "disk.img")
@@ -121,10 +146,11 @@ func TestRunServerStopDropsConnections(t *testing.T) {
 			if err := os.Truncate(img, 4<<20); err != nil {
 				t.Fatal(err)
 			}
-			srv := tc.wrapper.Nbdkit(t, servers.TCP, "file", "file="+img)
+			srv, export := tc.start(t, img)
+			const stops = 3
 			var shutdown int
-			for range 5 {
-				replies, acked, unacked := stopUnderLoad(t, srv)
+			for range stops {
+				replies, acked, unacked := stopUnderLoad(t, srv, export)
 				for _, r := range replies {
 					if r.Errno != nbdESHUTDOWN {
 						t.Errorf("error reply %v, want none or ESHUTDOWN", r)
@@ -143,13 +169,45 @@ func TestRunServerStopDropsConnections(t *testing.T) {
 				}
 				srv.Start() // fails the test if the port cannot be bound
 			}
-			if tc.wrapper == nil && shutdown == 0 {
-				t.Error("bare nbdkit answered no request with ESHUTDOWN in 5 stops under load; the documented behaviour has changed")
+			if tc.wantESD && shutdown == 0 {
+				t.Errorf("no request answered with ESHUTDOWN in %d stops under load; the documented behaviour has changed", stops)
 			}
-			if tc.wrapper != nil && shutdown != 0 {
-				t.Errorf("nbdkit under run-server answered %d requests with ESHUTDOWN", shutdown)
+			if !tc.wantESD && shutdown != 0 {
+				t.Errorf("%d requests answered with ESHUTDOWN", shutdown)
 			}
-			t.Logf("%d ESHUTDOWN replies in 5 stops", shutdown)
+			t.Logf("%d ESHUTDOWN replies in %d stops", shutdown, stops)
 		})
+	}
+}
+
+// TestRunServerExit: usage errors exit 2; a server that ends on its own
+// ends run-server with its verdict.
+func TestRunServerExit(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"run-server"}, 2},
+		{[]string{"run-server", "--sync", "/nonexistent/dir", "--", "true"}, 2},
+		{[]string{"run-server", "--", "/nonexistent/server"}, 1},
+		{[]string{"run-server", "--", "true"}, 0},
+		{[]string{"run-server", "--", "false"}, 1},
+		// A daemon left behind that fails is reported too.
+		{[]string{"run-server", "--", "sh", "-c", "(sleep 0.2; exit 3) &"}, 1},
+		{[]string{"run-server", "--", "sh", "-c", "(sleep 0.2; exit 0) &"}, 0},
+	} {
+		cmd := exec.Command(os.Args[0], tc.args...)
+		cmd.Env = append(os.Environ(), envRunMain+"=1")
+		out, err := cmd.CombinedOutput()
+		code := 0
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if code != tc.want {
+			t.Errorf("nbd-csi %v: exit %d, want %d\n%s", tc.args, code, tc.want, out)
+		}
 	}
 }
