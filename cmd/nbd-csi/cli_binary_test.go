@@ -21,8 +21,8 @@ var (
 	binErr  error
 )
 
-// binary builds nbd-csi once per test binary, stamped like make build.
-func binary(t *testing.T) string {
+// nbdcsiBinary builds nbd-csi once per test binary, stamped like make build.
+func nbdcsiBinary(t *testing.T) string {
 	t.Helper()
 	binOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "nbdcsi-cli-")
@@ -46,7 +46,7 @@ func binary(t *testing.T) string {
 // cli runs the real binary.
 func cli(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
-	cmd := exec.Command(binary(t), args...)
+	cmd := exec.Command(nbdcsiBinary(t), args...)
 	var o, e strings.Builder
 	cmd.Stdout, cmd.Stderr = &o, &e
 	err := cmd.Run()

@@ -31,8 +31,11 @@ import (
 var cluster *kubetest.Cluster
 
 func TestMain(m *testing.M) {
+	if os.Getenv(envRunMain) == "1" {
+		main() // the test binary started as `nbd-csi …` (runserver_test.go)
+	}
 	code := kubetest.Main(m, &cluster)
-	if binPath != "" { // built by binary()
+	if binPath != "" { // built by nbdcsiBinary()
 		os.RemoveAll(filepath.Dir(binPath))
 	}
 	os.Exit(code)

@@ -22,7 +22,7 @@ func runBinary(t *testing.T, timeout time.Duration, args ...string) (int, string
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, binary(t), args...)
+	cmd := exec.CommandContext(ctx, nbdcsiBinary(t), args...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -94,7 +94,7 @@ func TestBinaryExportsWhileServing(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "c.sock")
 	ctx, cancel := context.WithCancel(context.Background())
-	serve := exec.CommandContext(ctx, binary(t), "serve", "--mode=controller", "--endpoint=unix://"+sock, "--store-path="+path, "--health-address=127.0.0.1:0")
+	serve := exec.CommandContext(ctx, nbdcsiBinary(t), "serve", "--mode=controller", "--endpoint=unix://"+sock, "--store-path="+path, "--health-address=127.0.0.1:0")
 	var serveErr bytes.Buffer
 	serve.Stderr = &serveErr
 	if err := serve.Start(); err != nil {

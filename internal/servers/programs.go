@@ -11,21 +11,51 @@ import (
 	"testing"
 )
 
+// Wrapper is a supervisor command a server runs under: the server's command
+// line is appended to it, e.g. Wrapper{"/bin/nbd-csi", "run-server", "--"}.
+// The wrapper runs in the foreground and must stop the server, and every
+// process the server started, when it gets SIGTERM; Kill refuses a wrapped
+// server (SIGKILL would orphan a daemon the wrapper adopted).
+type Wrapper []string
+
 // Nbdkit starts "nbdkit --exit-with-parent -f ARGS..." listening on listen.
 // args are nbdkit options, the plugin and its parameters, e.g.
 //
 //	Nbdkit(t, servers.Unix, "--no-sr", "memory", "size=1M")
 func Nbdkit(t testing.TB, listen Listen, args ...string) *Server {
 	t.Helper()
+	return Wrapper(nil).Nbdkit(t, listen, args...)
+}
+
+// QemuNBD starts qemu-nbd with no wrapper (see Wrapper.QemuNBD).
+func QemuNBD(t testing.TB, listen Listen, args ...string) *Server {
+	t.Helper()
+	return Wrapper(nil).QemuNBD(t, listen, args...)
+}
+
+// NBDServer starts nbd-server with no wrapper (see Wrapper.NBDServer).
+func NBDServer(t testing.TB, listen Listen, exports string, generic ...string) *Server {
+	t.Helper()
+	return Wrapper(nil).NBDServer(t, listen, exports, generic...)
+}
+
+// argv prepends the wrapper to a server's command line.
+func (w Wrapper) argv(server []string) []string {
+	return append(append([]string(nil), w...), server...)
+}
+
+// Nbdkit starts nbdkit (see the function Nbdkit) under the wrapper.
+func (w Wrapper) Nbdkit(t testing.TB, listen Listen, args ...string) *Server {
+	t.Helper()
 	bin := LookPath(t, "nbdkit")
-	return start(t, "nbdkit", listen, false, func(s *Server) []string {
+	return start(t, "nbdkit", listen, w, false, func(s *Server) []string {
 		argv := []string{bin, "--exit-with-parent", "--foreground"}
 		if listen == TCP {
 			argv = append(argv, "--ipaddr", "127.0.0.1", "--port", strconv.Itoa(s.Port))
 		} else {
 			argv = append(argv, "--unix", s.Socket)
 		}
-		return append(argv, args...)
+		return w.argv(append(argv, args...))
 	})
 }
 
@@ -34,17 +64,17 @@ func Nbdkit(t testing.TB, listen Listen, args ...string) *Server {
 // clients. args are qemu-nbd options and the image, e.g.
 //
 //	QemuNBD(t, servers.TCP, "-x", "disk", "-f", "qcow2", path)
-func QemuNBD(t testing.TB, listen Listen, args ...string) *Server {
+func (w Wrapper) QemuNBD(t testing.TB, listen Listen, args ...string) *Server {
 	t.Helper()
 	bin := LookPath(t, "qemu-nbd")
-	return start(t, "qemu-nbd", listen, false, func(s *Server) []string {
+	return start(t, "qemu-nbd", listen, w, false, func(s *Server) []string {
 		argv := []string{bin, "--persistent", "--shared=0"}
 		if listen == TCP {
 			argv = append(argv, "--bind=127.0.0.1", "--port="+strconv.Itoa(s.Port))
 		} else {
 			argv = append(argv, "--socket="+s.Socket)
 		}
-		return append(argv, args...)
+		return w.argv(append(argv, args...))
 	})
 }
 
@@ -56,13 +86,14 @@ func QemuNBD(t testing.TB, listen Listen, args ...string) *Server {
 //
 // nbd-server 3.24 always daemonizes (its -d serves a single session), so
 // the daemon is tracked through its PID file and a watchdog process kills
-// it should the test binary die without cleaning up.
-func NBDServer(t testing.TB, listen Listen, exports string, generic ...string) *Server {
+// it should the test binary die without cleaning up. Under a wrapper, the
+// wrapper is the process tracked (it must adopt and stop the daemon).
+func (w Wrapper) NBDServer(t testing.TB, listen Listen, exports string, generic ...string) *Server {
 	t.Helper()
 	bin := LookPath(t, "nbd-server")
 	dir := shortTempDir(t)
 	conf := filepath.Join(dir, "config")
-	return start(t, "nbd-server", listen, true, func(s *Server) []string {
+	return start(t, "nbd-server", listen, w, w == nil, func(s *Server) []string {
 		var b strings.Builder
 		b.WriteString("[generic]\n")
 		if listen == TCP {
@@ -78,6 +109,6 @@ func NBDServer(t testing.TB, listen Listen, exports string, generic ...string) *
 		if err := os.WriteFile(conf, []byte(b.String()), 0o600); err != nil {
 			t.Fatalf("write nbd-server config: %v", err)
 		}
-		return []string{bin, "-C", conf, "-p", s.pidFile}
+		return w.argv([]string{bin, "-C", conf, "-p", s.pidFile})
 	})
 }

@@ -46,7 +46,7 @@ const RequireEnv = "NBDCSI_REQUIRE_SERVERS"
 // instead of hanging it.
 const (
 	// ReadyTimeout bounds the wait for a started server to greet.
-	ReadyTimeout = 20 * time.Second
+	ReadyTimeout = 60 * time.Second
 	// stopGrace is how long a server has to exit after SIGTERM before it
 	// gets SIGKILL (nbdkit waits for connected clients).
 	stopGrace = 2 * time.Second
@@ -108,6 +108,8 @@ type Server struct {
 	// whose PID is then read from pidFile.
 	daemon  bool
 	pidFile string
+	// wrapped means the started command is a Wrapper around the server.
+	wrapped bool
 
 	mu      sync.Mutex
 	running bool
@@ -140,9 +142,9 @@ func (b *syncBuffer) String() string {
 
 // start creates a Server, picks its address and starts it; for TCP a port
 // that turned out to be taken is replaced by another (up to 3 tries).
-func start(t testing.TB, name string, listen Listen, daemon bool, argv func(*Server) []string) *Server {
+func start(t testing.TB, name string, listen Listen, w Wrapper, daemon bool, argv func(*Server) []string) *Server {
 	t.Helper()
-	s := &Server{Name: name, Listen: listen, t: t, argv: argv, daemon: daemon, log: &syncBuffer{}}
+	s := &Server{Name: name, Listen: listen, t: t, argv: argv, daemon: daemon, wrapped: w != nil, log: &syncBuffer{}}
 	dir := shortTempDir(t)
 	s.pidFile = filepath.Join(dir, "pid")
 	if listen == Unix {
@@ -384,6 +386,9 @@ func (s *Server) Kill() {
 	if !s.running {
 		return
 	}
+	if s.wrapped {
+		s.t.Fatalf("kill %s: a wrapped server is stopped through its wrapper (Terminate)", s.Name)
+	}
 	s.running = false
 	s.stopWatchdog()
 	_ = syscall.Kill(-s.pgid, syscall.SIGKILL)
@@ -414,4 +419,71 @@ func (s *Server) stop() error {
 		return nil
 	}
 	return s.killGroupLocked()
+}
+
+// Termination is what Terminate observed.
+type Termination struct {
+	// Exited is how long the process group took to be gone after SIGTERM.
+	Exited time.Duration
+	// Killed tells whether SIGKILL was needed after the grace period.
+	Killed bool
+	// Rebindable is how long after SIGTERM the address could be bound
+	// again (TCP, with SO_REUSEADDR as servers set it), or -1 if it could
+	// not be before the group was gone. Zero for unix sockets.
+	Rebindable time.Duration
+}
+
+// Terminate stops the server the way Kubernetes and systemd stop a
+// service: SIGTERM to the process group (the wrapper's group when wrapped;
+// a wrapper keeps the server in a group of its own), then SIGKILL when the
+// group is not gone after grace. It fails the test if the group survives
+// SIGKILL. Start brings the server back.
+func (s *Server) Terminate(grace time.Duration) Termination {
+	s.t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.running {
+		s.t.Fatalf("terminate %s: not running", s.Name)
+	}
+	s.running = false
+	s.stopWatchdog()
+	pgid := s.pgid
+	var r Termination
+	if s.Listen == TCP {
+		r.Rebindable = -1
+	}
+	start := time.Now()
+	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	deadline := start.Add(grace)
+	for {
+		if r.Rebindable < 0 && s.canBind() {
+			r.Rebindable = time.Since(start)
+		}
+		if waitGroupGone(pgid, s.exited, s.daemon, 0) {
+			r.Exited = time.Since(start)
+			return r
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(pollInterval)
+	}
+	r.Killed = true
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	if !waitGroupGone(pgid, s.exited, s.daemon, stopGrace) {
+		s.t.Fatalf("terminate %s: process group %d still alive after SIGKILL", s.Name, pgid)
+	}
+	r.Exited = time.Since(start)
+	return r
+}
+
+// canBind reports whether a listener can be bound on the server's TCP
+// address right now (Go sets SO_REUSEADDR, as the servers do).
+func (s *Server) canBind() bool {
+	l, err := net.Listen("tcp", s.Address())
+	if err != nil {
+		return false
+	}
+	_ = l.Close()
+	return true
 }

@@ -181,11 +181,37 @@ func openDB(path string, opts *bolt.Options) (db *bolt.DB, err error) {
 	return nil, &CorruptError{Path: path, Reason: err.Error()}
 }
 
-// check walks every page of the file (bbolt's consistency check).
+// check walks every page of the file (bbolt's consistency check). bbolt
+// runs its check in a goroutine of its own, where a fault on a page past
+// the end of a truncated file cannot be recovered: so first compare the
+// file's size with what its metadata claims, and read every record here,
+// in the guarded goroutine, before bbolt checks the rest.
 func (b *Bolt) check() error {
 	return b.view(func(tx *bolt.Tx) error {
+		fi, err := os.Stat(b.path)
+		if err != nil {
+			return fmt.Errorf("open store %s: %w", b.path, err)
+		}
+		if tx.Size() > fi.Size() {
+			return &CorruptError{Path: b.path, Reason: fmt.Sprintf("truncated: the file has %d bytes, its metadata says %d", fi.Size(), tx.Size())}
+		}
+		if err := tx.ForEach(func(_ []byte, bk *bolt.Bucket) error { return walkBucket(bk) }); err != nil {
+			return &CorruptError{Path: b.path, Reason: err.Error()}
+		}
 		for err := range tx.Check() {
 			return &CorruptError{Path: b.path, Reason: err.Error()}
+		}
+		return nil
+	})
+}
+
+// walkBucket reads every key and value of bk and its nested buckets.
+func walkBucket(bk *bolt.Bucket) error {
+	return bk.ForEach(func(k, v []byte) error {
+		if v == nil {
+			if nested := bk.Bucket(k); nested != nil {
+				return walkBucket(nested)
+			}
 		}
 		return nil
 	})

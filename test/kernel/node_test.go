@@ -176,11 +176,37 @@ func fill(rec []byte, i int64) {
 // finish stops the writer and verifies every record it acknowledged.
 func (w *writer) finish(t *testing.T) int64 {
 	t.Helper()
-	close(w.stop)
-	<-w.done
-	if w.err != nil {
-		t.Fatalf("writer saw an I/O error: %v", w.err)
+	if err := w.stopNow(); err != nil {
+		t.Fatalf("writer saw an I/O error: %v", err)
 	}
+	return w.verify(t)
+}
+
+// failed reports whether the writer stopped on an error.
+func (w *writer) failed() bool {
+	select {
+	case <-w.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stopNow stops the writer and returns the error it stopped on, if any.
+func (w *writer) stopNow() error {
+	select {
+	case <-w.done:
+	default:
+		close(w.stop)
+		<-w.done
+	}
+	return w.err
+}
+
+// verify checks every record the stopped writer acknowledged and returns
+// how many there were.
+func (w *writer) verify(t *testing.T) int64 {
+	t.Helper()
 	n := w.records.Load()
 	b, err := os.ReadFile(w.path)
 	if err != nil {
