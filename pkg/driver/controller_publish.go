@@ -176,7 +176,7 @@ func (s *ControllerService) ListVolumes(ctx context.Context, req *csi.ListVolume
 		}
 		st := &csi.ListVolumesResponse_VolumeStatus{PublishedNodeIds: nodes}
 		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
-			Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext},
+			Volume: csiVolume(&e),
 			Status: st,
 		})
 	}
@@ -240,7 +240,7 @@ func (s *ControllerService) ControllerGetVolume(ctx context.Context, req *csi.Co
 	}
 	st := &csi.ControllerGetVolumeResponse_VolumeStatus{PublishedNodeIds: nodes}
 	return &csi.ControllerGetVolumeResponse{
-		Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext}, Status: st,
+		Volume: csiVolume(e), Status: st,
 	}, nil
 }
 
