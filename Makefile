@@ -4,7 +4,11 @@
 SHELL        := /bin/bash
 GO           ?= go
 BIN          := bin
-VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# One version for the image tag, the binary and the chart: a release tag
+# vX.Y.Z on HEAD gives X.Y.Z, which must equal the chart's appVersion (the
+# chart's default image tag); any other commit builds as the appVersion.
+APP_VERSION  := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' charts/nbd-csi/Chart.yaml)
+VERSION      ?= $(patsubst v%,%,$(or $(shell git describe --tags --exact-match --match 'v[0-9]*' 2>/dev/null),$(APP_VERSION)))
 IMAGE        ?= ghcr.io/nbd-csi/nbd-csi:$(VERSION)
 COMMIT       ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LDFLAGS      := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
