@@ -292,8 +292,10 @@ func TestChartCustomValues(t *testing.T) {
 			t.Errorf("secure %s reference: %v", k, get(secure, "parameters"))
 		}
 	}
-	if _, ok := objs["PersistentVolumeClaim/nbd-csi-controller-store"]; !ok {
+	if pvc, ok := objs["PersistentVolumeClaim/nbd-csi-controller-store"]; !ok {
 		t.Error("store.type pvc made no PVC")
+	} else if get(pvc, "metadata", "annotations", "helm.sh/resource-policy") != "keep" {
+		t.Error("the pvc store is deleted with the release (no helm.sh/resource-policy: keep)")
 	}
 	ctrl := container(t, objs["Deployment/nbd-csi-controller"], "nbd-csi")
 	if args := strings.Join(toStrings(ctrl["args"]), " "); !strings.Contains(args, "--store=embedded") || strings.Contains(args, "--leader-election") {
