@@ -20,7 +20,7 @@ FUZZ_TARGETS := \
 	./pkg/nbd:FuzzReplies \
 	./pkg/nbd:FuzzDecodeInfo
 
-.PHONY: all build test e2e kube unit fuzz vm-test bench demo lint verify generate image clean
+.PHONY: all build test e2e kube unit fuzz vm-test bench demo lint verify generate image release clean
 
 all: build
 
@@ -92,5 +92,9 @@ image:
 	@if [ "$(VENDORED)" = true ]; then trap 'rm -rf vendor' EXIT; $(GO) mod vendor || exit 1; fi; \
 	docker build --build-arg VENDORED=$(or $(VENDORED),false) --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
 
+## release: every release artifact in dist/ without pushing: binaries for linux/amd64 and arm64, SHA256SUMS, the chart package, and the multi-arch image where docker buildx is present
+release:
+	VERSION=$(VERSION) hack/release.sh dist
+
 clean:
-	rm -rf $(BIN) build
+	rm -rf $(BIN) build dist
