@@ -105,8 +105,9 @@ func need(t *testing.T) {
 
 // TestNodeWithoutNBD, on a cluster whose nodes cannot attach (their kernel
 // has no nbd): the driver says so itself and nothing hangs. The node
-// plugin is not Ready and its /readyz gives the reason; a pod using a
-// volume gets a FailedMount event naming the cause within minutes.
+// plugin is not Ready and its /readyz gives the reason; no node carries the
+// nbd-capable topology label, so a pod using a volume is never scheduled
+// (and its claim never provisioned) instead of failing at stage.
 func TestNodeWithoutNBD(t *testing.T) {
 	if cs == nil {
 		t.Skip("no cluster (KUBECONFIG)")
