@@ -309,7 +309,7 @@ func TestChartCustomValues(t *testing.T) {
 func TestChartRejects(t *testing.T) {
 	bin, chart := helm(t)
 	for _, f := range []string{"unknown-key.yaml", "latest-tag.yaml", "two-replicas.yaml", "hostpath-no-node.yaml",
-		"export-in-pool.yaml", "bad-connections.yaml", "bad-digest.yaml", "monitor-without-service.yaml"} {
+		"export-in-pool.yaml", "bad-connections.yaml", "bad-digest.yaml", "monitor-without-service.yaml", "rule-without-monitor.yaml"} {
 		out, err := exec.Command(bin, "template", "x", chart, "-f", filepath.Join("testdata", f)).CombinedOutput()
 		if err == nil {
 			t.Errorf("%s was accepted", f)
