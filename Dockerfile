@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # nbd-csi image: one binary serving the controller (non-root) and the node
-# plugin (privileged, set by the chart). Build: make image (VERSION, COMMIT
-# and IMAGE come from git; docs/install.md).
+# plugin (privileged, set by the chart). Build: make image (VERSION is the
+# chart's appVersion or the release tag vX.Y.Z on HEAD; docs/install.md).
 #
 # The binary is reproducible: the Go toolchain is pinned by GO_VERSION, the
 # modules by go.sum, and it is built with -trimpath and without VCS stamping

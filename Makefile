@@ -5,7 +5,11 @@
 SHELL        := /bin/bash
 GO           ?= go
 BIN          := bin
-VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# One version for the image tag, the binary and the chart: a release tag
+# vX.Y.Z on HEAD gives X.Y.Z, which must equal the chart's appVersion (the
+# chart's default image tag); any other commit builds as the appVersion.
+APP_VERSION  := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' charts/nbd-csi/Chart.yaml)
+VERSION      ?= $(patsubst v%,%,$(or $(shell git describe --tags --exact-match --match 'v[0-9]*' 2>/dev/null),$(APP_VERSION)))
 IMAGE        ?= ghcr.io/nbd-csi/nbd-csi:$(VERSION)
 COMMIT       ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LDFLAGS      := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
@@ -19,7 +23,7 @@ FUZZ_TARGETS := \
 
 DEPS         := hack/install-deps.sh
 
-.PHONY: all build test e2e kube unit fuzz vm-test bench demo lint verify generate image clean
+.PHONY: all build test e2e kube unit fuzz vm-test bench demo lint verify generate image release clean
 
 all: build
 
@@ -101,5 +105,9 @@ image:
 	@if [ "$(VENDORED)" = true ]; then trap 'rm -rf vendor' EXIT; $(GO) mod vendor || exit 1; fi; \
 	docker build --build-arg VENDORED=$(or $(VENDORED),false) --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
 
+## release: every release artifact in dist/ without pushing: binaries for linux/amd64 and arm64, SHA256SUMS, the chart package, and the multi-arch image where docker buildx is present
+release:
+	VERSION=$(VERSION) hack/release.sh dist
+
 clean:
-	rm -rf $(BIN) build
+	rm -rf $(BIN) build dist

@@ -177,6 +177,9 @@ func start(etcdBin, apiBin, crdDir string) (*Cluster, error) {
 		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--enable-priority-and-fairness=false",
+		// As kubeadm and every CSI-capable cluster: the node plugin is
+		// privileged (test/chart validates the chart's objects here).
+		"--allow-privileged=true",
 		"--v=0")
 	start := time.Now()
 	if err := c.launch(c.apisrv, "kube-apiserver.log"); err != nil {

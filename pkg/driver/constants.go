@@ -54,5 +54,19 @@ const (
 	DefaultFSType = FSExt4
 )
 
-// TopologyKeyNode is the topology segment key naming the node.
-const TopologyKeyNode = "topology.nbd-csi.io/node"
+// Topology segment keys. Kubelet copies each segment a node plugin reports
+// in NodeGetInfo to a label of its Node (and never changes a label's value
+// afterwards: a key a node may gain later is reported only with its final
+// value, never as "false").
+const (
+	// TopologyKeyNode names the node.
+	TopologyKeyNode = "topology.nbd-csi.io/node"
+	// TopologyKeyCapable is reported, with the value TopologyCapable, only
+	// by a node whose kernel can attach NBD devices (the nbd module loads and
+	// its interface answers). Every volume the controller provisions is
+	// accessible only from nodes with this segment, so the scheduler never
+	// places a pod with an NBD volume on a node that would fail to stage it.
+	TopologyKeyCapable = "topology.nbd-csi.io/nbd-capable"
+	// TopologyCapable is TopologyKeyCapable's only value.
+	TopologyCapable = "true"
+)

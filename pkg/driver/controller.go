@@ -258,6 +258,9 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	if required < 0 || limit < 0 || (limit > 0 && limit < required) {
 		return nil, status.Errorf(codes.InvalidArgument, "capacity range required=%d limit=%d is invalid", required, limit)
 	}
+	if err := checkAccessibility(req.GetAccessibilityRequirements()); err != nil {
+		return nil, err
+	}
 	if !s.volumes.TryAcquire(name) {
 		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", name)
 	}
@@ -296,9 +299,33 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 		return nil, status.Errorf(codes.AlreadyExists, "volume %s exists with %d bytes, above the limit %d", name, e.Size, limit)
 	}
 	logger(ctx).Info("Provisioned", "volume", e.VolumeID, "export", e.Name, "server", e.Server, "bytes", e.Size)
-	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
-		VolumeId: e.VolumeID, CapacityBytes: capacity(ctx, e), VolumeContext: e.VolumeContext,
-	}}, nil
+	return &csi.CreateVolumeResponse{Volume: csiVolume(ctx, e)}, nil
+}
+
+// csiVolume describes a provisioned volume, accessible from every node that
+// can attach NBD devices (an export is reached over the network from any
+// of them).
+func csiVolume(ctx context.Context, e *store.Export) *csi.Volume {
+	return &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: capacity(ctx, e), VolumeContext: e.VolumeContext,
+		AccessibleTopology: []*csi.Topology{{Segments: map[string]string{TopologyKeyCapable: TopologyCapable}}}}
+}
+
+// checkAccessibility refuses, with ResourceExhausted (the spec's code for
+// topology constraints that cannot be met), a request whose requisite
+// topologies include no nbd-capable segment: the volume would be accessible
+// from none of them. No requisite means anywhere.
+func checkAccessibility(req *csi.TopologyRequirement) error {
+	requisite := req.GetRequisite()
+	if len(requisite) == 0 {
+		return nil
+	}
+	for _, t := range requisite {
+		if t.GetSegments()[TopologyKeyCapable] == TopologyCapable {
+			return nil
+		}
+	}
+	return status.Errorf(codes.ResourceExhausted, "no requisite topology has %s=%s: NBD volumes are accessible only from nodes whose kernel can attach (requisite %v)",
+		TopologyKeyCapable, TopologyCapable, requisite)
 }
 
 // DeleteVolume wipes the export when the StorageClass asked for it, then

@@ -191,7 +191,7 @@ func (s *ControllerService) ListVolumes(ctx context.Context, req *csi.ListVolume
 		}
 		st := &csi.ListVolumesResponse_VolumeStatus{PublishedNodeIds: nodes}
 		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
-			Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: capacity(ctx, &e), VolumeContext: e.VolumeContext},
+			Volume: csiVolume(ctx, &e),
 			Status: st,
 		})
 	}
@@ -255,7 +255,7 @@ func (s *ControllerService) ControllerGetVolume(ctx context.Context, req *csi.Co
 	}
 	st := &csi.ControllerGetVolumeResponse_VolumeStatus{PublishedNodeIds: nodes}
 	return &csi.ControllerGetVolumeResponse{
-		Volume: &csi.Volume{VolumeId: e.VolumeID, CapacityBytes: capacity(ctx, e), VolumeContext: e.VolumeContext}, Status: st,
+		Volume: csiVolume(ctx, e), Status: st,
 	}, nil
 }
 

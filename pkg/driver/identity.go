@@ -26,14 +26,19 @@ func (s *IdentityService) GetPluginInfo(context.Context, *csi.GetPluginInfoReque
 	return &csi.GetPluginInfoResponse{Name: s.name, VendorVersion: s.version}, nil
 }
 
-// GetPluginCapabilities announces the controller service (when served) and
-// online volume expansion.
+// GetPluginCapabilities announces the controller service (when served),
+// volume accessibility constraints and online volume expansion.
 func (s *IdentityService) GetPluginCapabilities(context.Context, *csi.GetPluginCapabilitiesRequest) (*csi.GetPluginCapabilitiesResponse, error) {
 	caps := []*csi.PluginCapability{{
 		Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{
 			Type: csi.PluginCapability_VolumeExpansion_ONLINE,
 		}},
 	}}
+	// Volumes are accessible only from nodes that can attach NBD devices
+	// (NodeGetInfo reports TopologyKeyCapable there).
+	caps = append(caps, &csi.PluginCapability{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{
+		Type: csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS,
+	}}})
 	if s.controller {
 		caps = append(caps, &csi.PluginCapability{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{
 			Type: csi.PluginCapability_Service_CONTROLLER_SERVICE,

@@ -69,12 +69,23 @@ func NewNodeService(opts NodeOptions, attacher VolumeAttacher, mounter Mounter) 
 // Ready is the node's part of Probe.
 func (s *NodeService) Ready(ctx context.Context) error { return s.attacher.Ready(ctx) }
 
-// NodeGetInfo returns the node ID, the volume limit and the topology.
-func (s *NodeService) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+// NodeGetInfo returns the node ID, the volume limit and the topology: the
+// node's segment, plus TopologyKeyCapable when the kernel can attach. A node
+// that cannot attach still registers (its Probe says why), but without the
+// capable segment no provisioned volume is accessible from it. Kubelet asks
+// once, at registration; the attacher's kernel check is made once, when the
+// plugin starts, so a node that gains nbd reports it after a plugin restart.
+func (s *NodeService) NodeGetInfo(ctx context.Context, _ *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	segments := map[string]string{TopologyKeyNode: s.opts.NodeID}
+	if err := s.attacher.Ready(ctx); err != nil {
+		logger(ctx).Error(err, "Node cannot attach NBD devices; registering it without the capable topology segment, so no NBD volume is scheduled here", "topologyKey", TopologyKeyCapable)
+	} else {
+		segments[TopologyKeyCapable] = TopologyCapable
+	}
 	return &csi.NodeGetInfoResponse{
 		NodeId:             s.opts.NodeID,
 		MaxVolumesPerNode:  s.opts.MaxVolumesPerNode,
-		AccessibleTopology: &csi.Topology{Segments: map[string]string{TopologyKeyNode: s.opts.NodeID}},
+		AccessibleTopology: &csi.Topology{Segments: segments},
 	}, nil
 }
 

@@ -101,9 +101,12 @@ func container(t *testing.T, o object, name string) map[string]any {
 }
 
 // TestChartE2EValues: the values files the e2e providers install with
-// pass the schema, and every sidecar of the controller runs an image that
-// test/e2e/vm/cluster.sh builds (build_sidecar NAME MODULE VERSION CMD
-// makes nbd-csi-e2e/NAME:VERSION): neither provider can pull one.
+// pass the schema, and the e2e runs exactly the sidecar releases the chart
+// pins: every controller sidecar runs an image test/e2e/vm/cluster.sh builds
+// (build_sidecar NAME MODULE VERSION CMD makes nbd-csi-e2e/NAME:VERSION,
+// neither provider can pull one) at the chart's default tag. The registrar
+// is the exception: its module is not on the proxy, so the e2e runs a
+// stand-in (test/e2e/images/registrar).
 func TestChartE2EValues(t *testing.T) {
 	script, err := os.ReadFile("../../test/e2e/vm/cluster.sh")
 	if err != nil {
@@ -113,8 +116,22 @@ func TestChartE2EValues(t *testing.T) {
 	for _, m := range regexp.MustCompile(`(?m)^\s*build_sidecar (\S+) \S+ (\S+) `).FindAllStringSubmatch(string(script), -1) {
 		built["nbd-csi-e2e/"+m[1]+":"+m[2]] = true
 	}
-	if !built["nbd-csi-e2e/resizer:v1.14.0"] || len(built) != 3 {
-		t.Fatalf("sidecars built by cluster.sh: %v, want provisioner, attacher and resizer", built)
+	// The chart's pins, from its default rendering.
+	pinned := map[string]string{}
+	for _, c := range get(render(t)["Deployment/nbd-csi-controller"], "spec", "template", "spec", "containers").([]any) {
+		c := c.(map[string]any)
+		if name := c["name"].(string); name != "nbd-csi" {
+			img := c["image"].(string)
+			pinned[strings.TrimPrefix(name, "csi-")] = img[strings.LastIndex(img, ":")+1:]
+		}
+	}
+	if len(pinned) != 3 || len(built) != 3 {
+		t.Fatalf("chart sidecars %v, built by cluster.sh %v: want provisioner, attacher and resizer", pinned, built)
+	}
+	for name, tag := range pinned {
+		if !built["nbd-csi-e2e/"+name+":"+tag] {
+			t.Errorf("the chart pins %s %s, cluster.sh builds %v", name, tag, built)
+		}
 	}
 	for _, file := range []string{"../../e2e/values-vm.yaml", "../../e2e/kind/values-rig.yaml"} {
 		dep := render(t, file)["Deployment/nbd-csi-controller"]
@@ -125,8 +142,9 @@ func TestChartE2EValues(t *testing.T) {
 				continue
 			}
 			sidecars++
-			if !built[fmt.Sprint(c["image"])] {
-				t.Errorf("%s: %s runs %v, which cluster.sh does not build", file, c["name"], c["image"])
+			want := "nbd-csi-e2e/" + strings.TrimPrefix(c["name"].(string), "csi-") + ":" + pinned[strings.TrimPrefix(c["name"].(string), "csi-")]
+			if c["image"] != want {
+				t.Errorf("%s: %s runs %v, want %s (built by cluster.sh at the chart's pin)", file, c["name"], c["image"], want)
 			}
 		}
 		if sidecars != 3 {
@@ -274,8 +292,10 @@ func TestChartCustomValues(t *testing.T) {
 			t.Errorf("secure %s reference: %v", k, get(secure, "parameters"))
 		}
 	}
-	if _, ok := objs["PersistentVolumeClaim/nbd-csi-controller-store"]; !ok {
+	if pvc, ok := objs["PersistentVolumeClaim/nbd-csi-controller-store"]; !ok {
 		t.Error("store.type pvc made no PVC")
+	} else if get(pvc, "metadata", "annotations", "helm.sh/resource-policy") != "keep" {
+		t.Error("the pvc store is deleted with the release (no helm.sh/resource-policy: keep)")
 	}
 	ctrl := container(t, objs["Deployment/nbd-csi-controller"], "nbd-csi")
 	if args := strings.Join(toStrings(ctrl["args"]), " "); !strings.Contains(args, "--store=embedded") || strings.Contains(args, "--leader-election") {
@@ -288,7 +308,8 @@ func TestChartCustomValues(t *testing.T) {
 
 func TestChartRejects(t *testing.T) {
 	bin, chart := helm(t)
-	for _, f := range []string{"unknown-key.yaml", "latest-tag.yaml", "two-replicas.yaml"} {
+	for _, f := range []string{"unknown-key.yaml", "latest-tag.yaml", "two-replicas.yaml", "hostpath-no-node.yaml",
+		"export-in-pool.yaml", "bad-connections.yaml", "bad-digest.yaml", "monitor-without-service.yaml", "rule-without-monitor.yaml"} {
 		out, err := exec.Command(bin, "template", "x", chart, "-f", filepath.Join("testdata", f)).CombinedOutput()
 		if err == nil {
 			t.Errorf("%s was accepted", f)

@@ -105,8 +105,9 @@ func need(t *testing.T) {
 
 // TestNodeWithoutNBD, on a cluster whose nodes cannot attach (their kernel
 // has no nbd): the driver says so itself and nothing hangs. The node
-// plugin is not Ready and its /readyz gives the reason; a pod using a
-// volume gets a FailedMount event naming the cause within minutes.
+// plugin is not Ready and its /readyz gives the reason; no node carries the
+// nbd-capable topology label, so a pod using a volume is never scheduled
+// (and its claim never provisioned) instead of failing at stage.
 func TestNodeWithoutNBD(t *testing.T) {
 	if cs == nil {
 		t.Skip("no cluster (KUBECONFIG)")
@@ -131,18 +132,45 @@ func TestNodeWithoutNBD(t *testing.T) {
 			t.Logf("%s /readyz: %s", p.Spec.NodeName, strings.TrimSpace(body))
 		}
 	}
+	// Topology: no node reports the capable segment, so kubelet gave none
+	// the label the StorageClass's allowedTopologies require.
+	nl, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nl.Items {
+		if v, ok := n.Labels["topology.nbd-csi.io/nbd-capable"]; ok {
+			t.Errorf("node %s without nbd is labelled topology.nbd-csi.io/nbd-capable=%s", n.Name, v)
+		}
+	}
+	// A pod with an NBD claim is never scheduled (and its claim never
+	// provisioned): it stays Pending, Unschedulable, instead of failing at
+	// stage on a node that cannot attach.
 	pvc(t, "nonbd", false)
 	pod(t, "stuck", "nonbd", false, "", "true")
-	for deadline := time.Now().Add(4 * time.Minute); ; {
-		if ev := events("stuck"); strings.Contains(ev, "cannot attach NBD devices") {
-			t.Logf("pod events:\n%s", ev)
-			return
+	unschedulable := false
+	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(3 * time.Second) {
+		p, err := cs.CoreV1().Pods(namespace).Get(ctx, "stuck", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no FailedMount event naming the cause within 4 min; events:\n%s", events("stuck"))
+		if p.Spec.NodeName != "" {
+			t.Fatalf("pod scheduled to %s, a node without nbd; events:\n%s", p.Spec.NodeName, events("stuck"))
 		}
-		time.Sleep(3 * time.Second)
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable {
+				unschedulable = true
+			}
+		}
 	}
+	c, err := cs.CoreV1().PersistentVolumeClaims(namespace).Get(ctx, "nonbd", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !unschedulable || c.Status.Phase != corev1.ClaimPending {
+		t.Fatalf("pod unschedulable=%v, claim %s: want an unschedulable pod and a pending claim; events:\n%s", unschedulable, c.Status.Phase, events("stuck"))
+	}
+	t.Logf("pod events:\n%s", events("stuck"))
 }
 
 func token() string {
@@ -182,14 +210,23 @@ func pvcOf(t *testing.T, sc, name string, block bool) *corev1.PersistentVolumeCl
 }
 
 // pod runs script in busybox with the claim at /data (or as /dev/xvda for
-// a block claim), on node if given.
+// a block claim), on node if given: through the scheduler (node affinity on
+// the node's name), never spec.nodeName, which would skip it and so leave a
+// WaitForFirstConsumer claim unprovisioned.
 func pod(t *testing.T, name, claim string, block bool, node, script string) *corev1.Pod {
 	t.Helper()
+	var affinity *corev1.Affinity
+	if node != "" {
+		affinity = &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{
+			RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{NodeSelectorTerms: []corev1.NodeSelectorTerm{{
+				MatchFields: []corev1.NodeSelectorRequirement{{Key: "metadata.name", Operator: corev1.NodeSelectorOpIn, Values: []string{node}}},
+			}}}}}
+	}
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
 		Spec: corev1.PodSpec{
 			RestartPolicy: corev1.RestartPolicyNever,
-			NodeName:      node,
+			Affinity:      affinity,
 			Containers: []corev1.Container{{
 				Name: "c", Image: env("E2E_BUSYBOX_IMAGE", "nbd-csi-e2e/busybox:1"), ImagePullPolicy: corev1.PullIfNotPresent,
 				Command: []string{"sh", "-c", script},

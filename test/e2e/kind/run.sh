@@ -60,7 +60,7 @@ wait=--wait
 # Node plugins that cannot attach are never Ready: wait for the controller only.
 [ "${E2E_EXPECT_NO_NBD:-}" = 1 ] && wait=
 "$helm" install nbd-csi charts/nbd-csi --namespace kube-system $wait --timeout 10m \
-	--set image.repository=nbd-csi-e2e/nbd-csi --set image.tag=e2e \
+	--set image.registry= --set image.repository=nbd-csi-e2e/nbd-csi --set image.tag=e2e \
 	--set "storageClasses[0].name=nbd-e2e" --set "storageClasses[0].server=nbd://$ip:10809" \
 	--set "storageClasses[0].exportFilter=disk*" --set "storageClasses[0].wipeOnDelete=true" \
 	--set "storageClasses[0].allowVolumeExpansion=true" \

@@ -162,16 +162,20 @@ build_images() {
 		mkimage -name registry.k8s.io/e2e-test-images/nginx:1.14-4 -rootfs "$work/nginx" \
 			-entrypoint '["/bin/httpd","-f","-p","80","-h","/usr/share/nginx/html"]' -out "$img/e2e-nginx.tar"
 	fi
-	# registrar stand-in (the upstream image cannot be fetched here).
-	if [ ! -f "$img/registrar.tar" ]; then
+	# registrar stand-in (the upstream image cannot be fetched here), rebuilt
+	# when its source changes (it must accept every flag the chart passes).
+	local regtar
+	regtar=$img/registrar-$(sha256sum test/e2e/images/registrar/main.go | cut -c1-12).tar
+	if [ ! -f "$regtar" ]; then
+		rm -f "$img"/registrar*.tar
 		mkdir -p "$work/registrar"
 		(cd test/e2e && CGO_ENABLED=0 go build -o "$work/registrar/registrar" ./images/registrar)
-		mkimage -name nbd-csi-e2e/registrar:local -rootfs "$work/registrar" -entrypoint '["/registrar"]' -out "$img/registrar.tar"
+		mkimage -name nbd-csi-e2e/registrar:local -rootfs "$work/registrar" -entrypoint '["/registrar"]' -out "$regtar"
 	fi
 	# CSI sidecars the module proxy serves, built as their own main modules.
-	build_sidecar provisioner github.com/kubernetes-csi/external-provisioner/v5 v5.3.0 csi-provisioner
+	build_sidecar provisioner github.com/kubernetes-csi/external-provisioner/v6 v6.4.0 csi-provisioner
 	build_sidecar attacher github.com/kubernetes-csi/external-attacher/v4 v4.13.0 csi-attacher
-	build_sidecar resizer github.com/kubernetes-csi/external-resizer v1.14.0 csi-resizer
+	build_sidecar resizer github.com/kubernetes-csi/external-resizer/v2 v2.3.0 csi-resizer
 	# nbd-csi, always rebuilt (it is what is under test): the binary plus the
 	# filesystem and module tools the node plugin runs, from the node's
 	# Debian root filesystem.
@@ -195,7 +199,8 @@ build_images() {
 # module proxy into an image nbd-csi-e2e/NAME:VERSION.
 build_sidecar() {
 	local name=$1 mod=$2 ver=$3 cmd=$4 img=$E2E/images
-	[ -f "$img/$name.tar" ] && return
+	[ -f "$img/$name-$ver.tar" ] && return
+	rm -f "$img/$name.tar" "$img/$name"-v*.tar
 	log "building $cmd $ver from the Go module proxy (once)"
 	local dir src
 	dir=$(go mod download -json "$mod@$ver" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
@@ -204,7 +209,7 @@ build_sidecar() {
 	cp -r "$dir/." "$src/"; chmod -R u+w "$src"
 	mkdir -p "$E2E/imgwork/$name"
 	(cd "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o "$E2E/imgwork/$name/$cmd" "./cmd/$cmd" >&2)
-	mkimage -name "nbd-csi-e2e/$name:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name.tar"
+	mkimage -name "nbd-csi-e2e/$name:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name-$ver.tar"
 }
 
 build() {

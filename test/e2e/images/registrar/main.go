@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -50,6 +51,7 @@ func main() {
 	regDir := flag.String("plugin-registration-dir", "/registration", "the kubelet's plugin registration directory")
 	flag.Int("v", 0, "log verbosity (accepted for compatibility)")
 	flag.Duration("timeout", time.Second, "accepted for compatibility")
+	httpEndpoint := flag.String("http-endpoint", "", "serve GET /healthz here: 200 while the registration socket exists, as the upstream registrar does")
 	flag.Parse()
 	if *kubeletPath == "" {
 		fmt.Fprintln(os.Stderr, "registrar: --kubelet-registration-path is required")
@@ -67,6 +69,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, "registrar:", err)
 		os.Exit(1)
 	}
+	if *httpEndpoint != "" {
+		go serveHealth(*httpEndpoint, sock)
+	}
 	g := grpc.NewServer()
 	registerapi.RegisterRegistrationServer(g, &server{name: name, endpoint: *kubeletPath})
 	go func() {
@@ -80,6 +85,24 @@ func main() {
 	fmt.Fprintf(os.Stderr, "registrar: serving registration of %s on %s\n", name, sock)
 	if err := g.Serve(l); err != nil {
 		fmt.Fprintln(os.Stderr, "registrar:", err)
+		os.Exit(1)
+	}
+}
+
+// serveHealth answers GET /healthz with 200 while the registration socket
+// exists, 503 otherwise.
+func serveHealth(addr, sock string) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if _, err := os.Stat(sock); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	if err := srv.ListenAndServe(); err != nil {
+		fmt.Fprintln(os.Stderr, "registrar: http endpoint:", err)
 		os.Exit(1)
 	}
 }

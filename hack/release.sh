@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds every release artifact locally, pushing nothing (the release
+# workflow, .github/workflows/release.yml, runs the same steps and then
+# pushes and signs): the nbd-csi binaries for linux/amd64 and linux/arm64,
+# their SHA256SUMS, the chart package, and — where a Docker engine with
+# buildx is present — the multi-arch image as an OCI archive with SBOM and
+# provenance attestations.
+# Usage: hack/release.sh [OUTDIR]   (default dist/)
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+out=${1:-dist}
+app=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' charts/nbd-csi/Chart.yaml)
+chart=$(sed -n 's/^version: *\(.*\)$/\1/p' charts/nbd-csi/Chart.yaml)
+version=${VERSION:-$app}
+tag=$(git describe --tags --exact-match --match 'v[0-9]*' 2>/dev/null || true)
+if [ -n "$tag" ] && [ "${tag#v}" != "$app" ]; then
+	echo "release tag $tag does not match the chart's appVersion $app (the chart's default image tag)" >&2
+	exit 1
+fi
+commit=$(git rev-parse HEAD)
+rm -rf "$out"; mkdir -p "$out"
+for arch in amd64 arm64; do
+	CGO_ENABLED=0 GOOS=linux GOARCH=$arch go build -trimpath -buildvcs=false \
+		-ldflags "-s -w -X main.version=$version -X main.commit=$commit" \
+		-o "$out/nbd-csi-$version-linux-$arch" ./cmd/nbd-csi
+done
+"$(hack/helm.sh)" package charts/nbd-csi --destination "$out" >/dev/null
+(cd "$out" && sha256sum nbd-csi-* > SHA256SUMS)
+if docker buildx version >/dev/null 2>&1; then
+	docker buildx build --platform linux/amd64,linux/arm64 \
+		--build-arg VERSION="$version" --build-arg COMMIT="$commit" \
+		--sbom=true --provenance=mode=max \
+		--output "type=oci,dest=$out/nbd-csi-$version-image.oci.tar" \
+		-t "ghcr.io/nbd-csi/nbd-csi:$version" .
+else
+	echo "no docker buildx here: image not built (the release workflow builds it)" >&2
+fi
+echo "release $version (chart $chart) in $out:"
+ls -l "$out"
