@@ -46,7 +46,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 		host = n
 	}
 	fs.StringVar(&f.node.NodeID, "node-id", host, "node name (default $NODE_NAME, else the hostname)")
-	fs.StringVar(&f.node.KubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory; publish targets must be under its pods/")
+	fs.StringVar(&f.node.KubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory: staging and target paths must be the ones the kubelet makes under it (symlinks resolved)")
+	fs.StringVar(&f.node.PathRoot, "path-root", "", "accept staging and target paths anywhere strictly below this directory instead of the kubelet's layout (for csi-sanity and tests; never in a cluster)")
 	fs.StringVar(&f.node.StateDir, "state-dir", "", "directory for per-volume state records (default KUBELET_DIR/plugins/DRIVER_NAME/volumes)")
 	fs.Int64Var(&f.node.MaxVolumesPerNode, "max-volumes-per-node", 0, "volumes the scheduler may place on a node (0: no limit)")
 	fs.DurationVar(&f.node.OrphanGracePeriod, "orphan-grace-period", 10*time.Minute, "how long a device of ours with no state record and no mount is left before it is detached")
@@ -90,6 +91,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 		Interceptors: []grpc.UnaryServerInterceptor{m.Interceptor()}}
 	var ready []driver.ReadyFunc
 	if mode.ServesNode() {
+		f.node.DriverName = f.driverName
 		if f.node.StateDir == "" {
 			f.node.StateDir = filepath.Join(f.node.KubeletDir, "plugins", f.driverName, "volumes")
 		}

@@ -4,6 +4,8 @@ package driver_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -68,14 +70,24 @@ var rwo = csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
 
 func (e *nodeEnv) stageReq(vol string) *csi.NodeStageVolumeRequest {
 	return &csi.NodeStageVolumeRequest{
-		VolumeId: vol, StagingTargetPath: filepath.Join(e.kubelet, "plugins", "staging", vol),
+		VolumeId: vol, StagingTargetPath: e.staging(vol),
 		VolumeCapability: mountCap("ext4", rwo),
 		VolumeContext:    map[string]string{"uri": "nbd://server/" + vol, "csi.storage.k8s.io/pv/name": "pv"},
 	}
 }
 
 func (e *nodeEnv) target(vol string) string {
-	return filepath.Join(e.kubelet, "pods", "uid", "volumes", vol, "mount")
+	return filepath.Join(e.kubelet, "pods", "uid", "volumes", "kubernetes.io~csi", vol, "mount")
+}
+
+// staging is where kubelet 1.24+ stages a filesystem volume of this driver.
+func (e *nodeEnv) staging(vol string) string {
+	return kubeletStaging(e.kubelet, vol)
+}
+
+func kubeletStaging(kubelet, vol string) string {
+	h := sha256.Sum256([]byte(vol))
+	return filepath.Join(kubelet, "plugins", "kubernetes.io", "csi", driver.DefaultDriverName, hex.EncodeToString(h[:]), "globalmount")
 }
 
 func code(err error) codes.Code { return status.Code(err) }
@@ -249,7 +261,7 @@ func TestNodePublishSelfHeal(t *testing.T) {
 
 	// A volume never staged is FailedPrecondition, never an empty bind.
 	pub2 := proto.Clone(pub).(*csi.NodePublishVolumeRequest)
-	pub2.VolumeId, pub2.TargetPath = "vol2", e.target("vol2")
+	pub2.VolumeId, pub2.TargetPath, pub2.StagingTargetPath = "vol2", e.target("vol2"), e.staging("vol2")
 	if _, err := e.svc.NodePublishVolume(ctx, pub2); code(err) != codes.FailedPrecondition {
 		t.Errorf("publish unstaged: %v, want FailedPrecondition", err)
 	}
