@@ -101,7 +101,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer) error {
 		if f.node.StateDir == "" {
 			f.node.StateDir = filepath.Join(f.node.KubeletDir, "plugins", f.driverName, "volumes")
 		}
-		node, nodeReady, stop, err := newNodeService(ctx, f.node, f.attach, m)
+		node, nodeReady, stop, err := newNodeService(ctx, f.node, f.attach, f.controller.store.kubeconfig, m)
 		if err != nil {
 			return err
 		}
