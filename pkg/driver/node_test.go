@@ -299,6 +299,33 @@ func TestNodeBlockVolume(t *testing.T) {
 	if _, err := e.svc.NodePublishVolume(ctx, pub); code(err) != codes.InvalidArgument {
 		t.Errorf("publish block as mount: %v, want InvalidArgument", err)
 	}
+
+	// Unpublish removes the file the publish made, and nothing it did not
+	// make: files at other block target paths stay, empty or not.
+	foreign := filepath.Join(filepath.Dir(target), "other-pod")
+	if err := os.WriteFile(foreign, []byte("not ours"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	emptyForeign := filepath.Join(filepath.Dir(target), "empty-pod")
+	if err := os.WriteFile(emptyForeign, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{target, foreign, emptyForeign} {
+		if _, err := e.svc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "blk", TargetPath: p}); err != nil {
+			t.Errorf("unpublish %s: %v", p, err)
+		}
+	}
+	if _, err := os.Lstat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("block target %s left after unpublish: %v", target, err)
+	}
+	for _, p := range []string{foreign, emptyForeign} {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("file %s that no publish made was removed: %v", p, err)
+		}
+	}
+	if mps, _ := e.mnt.List(); len(mps) != 0 {
+		t.Errorf("mounts after unpublish: %+v", mps)
+	}
 }
 
 func TestNodeExpand(t *testing.T) {
