@@ -31,6 +31,7 @@ import (
 //	plugins/kubernetes.io/csi/volumeDevices/staging/PV             staging, block
 //	pods/POD_UID/volumes/kubernetes.io~csi/PV/mount                target, filesystem
 //	plugins/kubernetes.io/csi/volumeDevices/publish/PV/POD_UID     target, block
+//	plugins/kubernetes.io/csi/volumeDevices/PV/dev[/POD_UID]       volume path of a block volume (stats, expand)
 //
 // Where the kubelet left its vol_data.json beside such a path, it must name
 // this driver and this volume. Everything else is refused before anything
@@ -158,6 +159,13 @@ func (s *NodeService) ownedPath(volumeID, p string, use pathUse) (resolved strin
 		case len(c) == 6 && c[0] == "plugins" && c[1] == "kubernetes.io" && c[2] == "csi" && c[3] == "volumeDevices" && c[4] == "staging":
 			volData, matched = filepath.Join(root, "plugins", "kubernetes.io", "csi", "volumeDevices", c[5], "data", "vol_data.json"), true
 		}
+	}
+	if !matched && use == useVolume && len(c) >= 6 && len(c) <= 7 && c[0] == "plugins" && c[1] == "kubernetes.io" && c[2] == "csi" &&
+		c[3] == "volumeDevices" && c[4] != "staging" && c[4] != "publish" && c[5] == "dev" {
+		// The kubelet's global map path of a block volume (NodeExpandVolume)
+		// and its per-pod entry there, a bind mount of the published
+		// device (NodeGetVolumeStats).
+		volData, matched = filepath.Join(root, "plugins", "kubernetes.io", "csi", "volumeDevices", c[4], "data", "vol_data.json"), true
 	}
 	if !matched && (use == useTarget || use == useVolume) {
 		switch {

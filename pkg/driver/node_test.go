@@ -293,6 +293,25 @@ func TestNodeBlockVolume(t *testing.T) {
 	if err != nil || len(st.Usage) != 1 || st.Usage[0].Total != 1<<30 {
 		t.Errorf("block stats = %v, %v", st, err)
 	}
+	// The kubelet asks for a block volume's stats at its global map path's
+	// per-pod entry, a bind mount of the published device.
+	mapped := filepath.Join(e.kubelet, "plugins", "kubernetes.io", "csi", "volumeDevices", "pv-blk", "dev", "pod-uid")
+	if err := os.MkdirAll(filepath.Dir(mapped), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(mapped, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.mnt.Mount(target, mapped, "", []string{"bind"}); err != nil {
+		t.Fatal(err)
+	}
+	st, err = e.svc.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "blk", VolumePath: mapped})
+	if err != nil || len(st.Usage) != 1 || st.Usage[0].Total != 1<<30 {
+		t.Errorf("block stats at the global map path = %v, %v", st, err)
+	}
+	if err := e.mnt.Unmount(mapped); err != nil {
+		t.Fatal(err)
+	}
 	// Publishing a block-staged volume as a filesystem is refused.
 	pub.VolumeCapability = mountCap("ext4", rwo)
 	pub.TargetPath = e.target("blk")
