@@ -58,6 +58,9 @@ type SupervisionEvent struct {
 	Err error
 	// Time is when it happened.
 	Time time.Time
+	// Stall is how long I/O stalled before a reconnect; the reporter sets
+	// it for Reconnected when it saw the connection lost.
+	Stall time.Duration
 }
 
 // Kubernetes Event reasons, on the volume's PersistentVolume.
@@ -173,20 +176,13 @@ func (r *SupervisionReporter) Report(e SupervisionEvent) {
 	default:
 		return
 	}
-	if e.Kind == Reconnected {
-		e.Err = stallError(stall)
-	}
+	e.Stall = stall
 	select {
 	case r.queue <- e:
 	default:
 		log.Info("Kubernetes Event queue full; Event dropped")
 	}
 }
-
-// stallError carries a reconnect's stall time to the Event worker.
-type stallError time.Duration
-
-func (s stallError) Error() string { return time.Duration(s).String() }
 
 func errString(err error) string {
 	if err == nil {
@@ -229,9 +225,9 @@ func (r *SupervisionReporter) emit(ctx context.Context, e SupervisionEvent) {
 		r.recorder.Eventf(ref, corev1.EventTypeWarning, ReasonConnectionLost,
 			"Connection to the NBD server lost %s; I/O stalls until it is re-established", where)
 	case Reconnected:
-		if s, ok := e.Err.(stallError); ok && s > 0 {
+		if e.Stall > 0 {
 			r.recorder.Eventf(ref, corev1.EventTypeNormal, ReasonReconnected,
-				"Connection to the NBD server re-established %s after I/O stalled for %s", where, time.Duration(s).Round(time.Millisecond))
+				"Connection to the NBD server re-established %s after I/O stalled for %s", where, e.Stall.Round(time.Millisecond))
 		} else {
 			r.recorder.Eventf(ref, corev1.EventTypeNormal, ReasonReconnected, "Connection to the NBD server re-established %s", where)
 		}
