@@ -30,7 +30,13 @@ import (
 
 var cluster *kubetest.Cluster
 
-func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, &cluster)) }
+func TestMain(m *testing.M) {
+	code := kubetest.Main(m, &cluster)
+	if binPath != "" {
+		os.RemoveAll(filepath.Dir(binPath)) // the binary nbdCSIBinary built
+	}
+	os.Exit(code)
+}
 
 // TestServeKubeStore runs `nbd-csi serve --mode=controller --store=kubernetes
 // --leader-election` against a real kube-apiserver and a real nbdkit pool:
