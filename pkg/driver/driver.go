@@ -10,10 +10,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/url"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -98,7 +100,7 @@ func New(cfg Config) (*Driver, error) {
 }
 
 // Listen opens the endpoint. A stale unix socket left by a previous run is
-// removed first.
+// removed first; anything else at the path is left alone and is an error.
 func Listen(endpoint string) (net.Listener, error) {
 	u, err := url.Parse(endpoint)
 	if err != nil {
@@ -116,14 +118,43 @@ func Listen(endpoint string) (net.Listener, error) {
 		if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 			return nil, err
 		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("remove stale socket: %w", err)
+		if err := removeStaleSocket(path); err != nil {
+			return nil, err
 		}
 		return net.Listen("unix", path)
 	case "tcp":
 		return net.Listen("tcp", u.Host)
 	}
 	return nil, fmt.Errorf("endpoint %q: scheme must be unix or tcp", endpoint)
+}
+
+// removeStaleSocket removes path if it is a unix socket nobody listens on.
+// A path that is not a socket (a regular file, a directory...) or a socket
+// another process serves is an error: Listen must never delete what it did
+// not make, nor steal a live endpoint.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("endpoint %s: %w", path, err)
+	}
+	if fi.Mode()&fs.ModeSocket == 0 {
+		return fmt.Errorf("endpoint %s exists and is not a socket (%s); not removing it", path, fi.Mode().Type())
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("endpoint %s: another process is listening on it", path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("endpoint %s: cannot tell whether the socket is stale: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	return nil
 }
 
 // Serve serves CSI on l until ctx ends, then stops gracefully (bounded by

@@ -21,9 +21,16 @@ import (
 type NodeOptions struct {
 	// NodeID is this node's name as the controller knows it.
 	NodeID string
-	// KubeletDir is the kubelet root directory; publish targets must lie
-	// under its pods/ directory.
+	// DriverName is the CSI driver name (the kubelet names its staging
+	// directories after it); empty means DefaultDriverName.
+	DriverName string
+	// KubeletDir is the kubelet root directory: every staging and target
+	// path must be one the kubelet makes under it (node_paths.go).
 	KubeletDir string
+	// PathRoot, when set, replaces the kubelet layout: staging and target
+	// paths may be anywhere strictly below it (csi-sanity makes its own
+	// directories). Never set in a cluster.
+	PathRoot string
 	// StateDir holds one record per staged volume.
 	StateDir string
 	// MaxVolumesPerNode is reported by NodeGetInfo (0: no limit).
@@ -62,6 +69,12 @@ func NewNodeService(opts NodeOptions, attacher VolumeAttacher, mounter Mounter) 
 		return nil, err
 	}
 	opts.KubeletDir = filepath.Clean(opts.KubeletDir)
+	if opts.PathRoot != "" {
+		if !filepath.IsAbs(opts.PathRoot) {
+			return nil, fmt.Errorf("path root %q must be an absolute path", opts.PathRoot)
+		}
+		opts.PathRoot = filepath.Clean(opts.PathRoot)
+	}
 	return &NodeService{opts: opts, attacher: attacher, mounter: mounter, state: st,
 		volumes: newInflight(), targets: newInflight()}, nil
 }

@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"path/filepath"
 	"slices"
-	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -21,21 +20,28 @@ import (
 // directory: if the staging mount is gone (e.g. after a node reboot) it
 // re-stages from the state record, or fails with FailedPrecondition.
 func (s *NodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	volumeID, target, staging := req.GetVolumeId(), req.GetTargetPath(), req.GetStagingTargetPath()
+	volumeID := req.GetVolumeId()
 	if volumeID == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
 	}
-	if staging == "" {
+	if req.GetStagingTargetPath() == "" {
 		return nil, status.Error(codes.InvalidArgument, "staging target path is required (the driver stages volumes)")
 	}
-	if err := s.checkTarget(target); err != nil {
+	if req.GetTargetPath() == "" {
+		return nil, status.Error(codes.InvalidArgument, "target path is required")
+	}
+	staging, _, err := s.ownedPath(volumeID, req.GetStagingTargetPath(), useStaging)
+	if err != nil {
+		return nil, err
+	}
+	target, _, err := s.ownedPath(volumeID, req.GetTargetPath(), useTarget)
+	if err != nil {
 		return nil, err
 	}
 	c, err := parseCapability(req.GetVolumeCapability())
 	if err != nil {
 		return nil, err
 	}
-	target = filepath.Clean(target)
 	if !s.targets.TryAcquire(target) {
 		return nil, status.Errorf(codes.Aborted, "an operation on target %s is already in progress", target)
 	}
@@ -48,7 +54,7 @@ func (s *NodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublis
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	if rec.StagingPath != filepath.Clean(staging) {
+	if !sameStaging(rec.StagingPath, staging) {
 		return nil, status.Errorf(codes.InvalidArgument, "volume %s is staged at %s, not %s", volumeID, rec.StagingPath, staging)
 	}
 	if rec.Block != c.block {
@@ -76,6 +82,12 @@ func (s *NodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublis
 		source = att.Device
 		if err := s.mounter.MakeDir(filepath.Dir(target)); err != nil {
 			return nil, status.Errorf(codes.Internal, "create target parent: %v", err)
+		}
+		// The target goes into the record before the file is made: the
+		// record is what allows NodeUnpublishVolume to delete the file
+		// again, also after a publish that failed half-way.
+		if err := s.updateTargets(volumeID, target, true); err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
 		}
 		if err := s.mounter.MakeFile(target); err != nil {
 			return nil, status.Errorf(codes.Internal, "create target file: %v", err)
@@ -159,22 +171,35 @@ func (s *NodeService) ensureStaged(ctx context.Context, rec *VolumeRecord) (*Att
 }
 
 // NodeUnpublishVolume unmounts and removes the target path; a target that
-// is not mounted or does not exist is fine.
+// is not mounted or does not exist is fine. It removes only the empty
+// directory or the empty block-target file a publish made, never other
+// files, and unmounts only what this driver's record or the kubelet's ties
+// to the volume.
 func (s *NodeService) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
-	volumeID, target := req.GetVolumeId(), req.GetTargetPath()
+	volumeID := req.GetVolumeId()
 	if volumeID == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
 	}
-	if target == "" || !filepath.IsAbs(target) {
-		return nil, status.Errorf(codes.InvalidArgument, "target path %q must be an absolute path", target)
+	if req.GetTargetPath() == "" {
+		return nil, status.Error(codes.InvalidArgument, "target path is required")
 	}
-	target = filepath.Clean(target)
+	target, confirmed, err := s.ownedPath(volumeID, req.GetTargetPath(), useTarget)
+	if err != nil {
+		return nil, err
+	}
 	if !s.targets.TryAcquire(target) {
 		return nil, status.Errorf(codes.Aborted, "an operation on target %s is already in progress", target)
 	}
 	defer s.targets.Release(target)
-	if err := mount.CleanupMountPoint(target, s.mounter, true); err != nil {
-		return nil, status.Errorf(codes.Internal, "unmount %s: %v", target, err)
+	recorded := false
+	switch rec, err := s.state.Get(volumeID); {
+	case err == nil:
+		recorded = slices.Contains(rec.Targets, target)
+	case !errors.Is(err, errNoRecord):
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if err := s.removeOwned(target, confirmed || recorded, confirmed || recorded); err != nil {
+		return nil, err
 	}
 	if err := s.updateTargets(volumeID, target, false); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -205,27 +230,6 @@ func (s *NodeService) updateTargets(volumeID, target string, add bool) error {
 		return nil
 	}
 	return s.state.Put(rec)
-}
-
-// checkTarget refuses target paths outside the directories where the
-// kubelet asks for publications: its pods directory (filesystems, and
-// block volumes of older kubelets) and its CSI block-device publish
-// directory (plugins/kubernetes.io/csi/volumeDevices/, block volumes).
-func (s *NodeService) checkTarget(target string) error {
-	if target == "" || !filepath.IsAbs(target) {
-		return status.Errorf(codes.InvalidArgument, "target path %q must be an absolute path", target)
-	}
-	clean := filepath.Clean(target) + string(filepath.Separator)
-	roots := []string{
-		filepath.Join(s.opts.KubeletDir, "pods") + string(filepath.Separator),
-		filepath.Join(s.opts.KubeletDir, "plugins", "kubernetes.io", "csi", "volumeDevices") + string(filepath.Separator),
-	}
-	for _, r := range roots {
-		if strings.HasPrefix(clean, r) && clean != r {
-			return nil
-		}
-	}
-	return status.Errorf(codes.InvalidArgument, "target path %s is outside the kubelet's publish directories %s", target, strings.Join(roots, ", "))
 }
 
 func kind(block bool) string {

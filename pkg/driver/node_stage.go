@@ -7,14 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"path/filepath"
 	"slices"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	mount "k8s.io/mount-utils"
 
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
@@ -24,12 +22,13 @@ import (
 // staging path. A repeated identical request succeeds without side effects;
 // a different export or capability at the same volume is AlreadyExists.
 func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
-	volumeID, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	volumeID := req.GetVolumeId()
 	if volumeID == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
 	}
-	if staging == "" || !filepath.IsAbs(staging) {
-		return nil, status.Errorf(codes.InvalidArgument, "staging target path %q must be an absolute path", staging)
+	staging, _, err := s.ownedPath(volumeID, req.GetStagingTargetPath(), useStaging)
+	if err != nil {
+		return nil, err
 	}
 	c, err := parseCapability(req.GetVolumeCapability())
 	if err != nil {
@@ -58,13 +57,16 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	log := logger(ctx)
 
 	rec := &VolumeRecord{
-		VolumeID: volumeID, StagingPath: filepath.Clean(staging), VolumeContext: nodeContext(req.GetVolumeContext()),
+		VolumeID: volumeID, StagingPath: staging, VolumeContext: nodeContext(req.GetVolumeContext()),
 		Block: c.block, FSType: c.fsType, MountFlags: c.mountFlags, ReadOnly: c.readOnly,
 		AccessMode: c.mode.String(), TLS: tlsOpts != nil,
 	}
 	old, err := s.state.Get(volumeID)
 	switch {
 	case err == nil:
+		if sameStaging(old.StagingPath, staging) {
+			old.StagingPath = staging
+		}
 		if !old.sameStage(rec) {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %s is already staged at %s with a different export, capability or staging path", volumeID, old.StagingPath)
 		}
@@ -166,14 +168,16 @@ func mountDevice(m Mounter, path string) (string, int, error) {
 
 // NodeUnstageVolume unmounts the staging path, detaches the device and
 // forgets the volume. It succeeds when any of those is already done, when
-// the server is gone, and after a plugin restart.
+// the server is gone, after a plugin restart, and for a volume this node
+// never staged. It refuses to detach a device still mounted elsewhere.
 func (s *NodeService) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
-	volumeID, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	volumeID := req.GetVolumeId()
 	if volumeID == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
 	}
-	if staging == "" || !filepath.IsAbs(staging) {
-		return nil, status.Errorf(codes.InvalidArgument, "staging target path %q must be an absolute path", staging)
+	staging, confirmed, err := s.ownedPath(volumeID, req.GetStagingTargetPath(), useStaging)
+	if err != nil {
+		return nil, err
 	}
 	if !s.volumes.TryAcquire(volumeID) {
 		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", volumeID)
@@ -181,8 +185,31 @@ func (s *NodeService) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstag
 	defer s.volumes.Release(volumeID)
 	log := logger(ctx)
 
-	if err := mount.CleanupMountPoint(filepath.Clean(staging), s.mounter, true); err != nil {
-		return nil, status.Errorf(codes.Internal, "unmount staging path: %v", err)
+	rec, err := s.state.Get(volumeID)
+	switch {
+	case errors.Is(err, errNoRecord):
+		rec = nil
+	case err != nil:
+		return nil, status.Error(codes.Internal, err.Error())
+	case !sameStaging(rec.StagingPath, staging):
+		// Unmounting here and detaching would pull the device from under
+		// the staging mount the record names.
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged at %s, not %s", volumeID, rec.StagingPath, staging)
+	}
+	if err := s.removeOwned(staging, confirmed || rec != nil, false); err != nil {
+		return nil, err
+	}
+	if rec == nil {
+		if rerr := s.attacher.Ready(ctx); rerr != nil {
+			// No record and no kernel support: nothing was staged here.
+			log.V(2).Info("Unstaged a volume this node never staged", "reason", rerr.Error())
+			return &csi.NodeUnstageVolumeResponse{}, nil
+		}
+	}
+	if rec != nil && !rec.Block {
+		if err := s.stillMounted(ctx, volumeID); err != nil {
+			return nil, err
+		}
 	}
 	if err := s.attacher.Detach(ctx, volumeID); err != nil {
 		return nil, statusError("detach", err)
@@ -192,6 +219,39 @@ func (s *NodeService) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstag
 	}
 	log.Info("Unstaged")
 	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// stillMounted refuses with FailedPrecondition while the volume's device is
+// mounted anywhere (a publish not yet undone): detaching it would fail
+// that mount's I/O.
+func (s *NodeService) stillMounted(ctx context.Context, volumeID string) error {
+	att, err := s.attacher.Lookup(ctx, volumeID)
+	if errors.Is(err, ErrNotAttached) {
+		return nil
+	}
+	if err != nil {
+		return statusError("look up device", err)
+	}
+	mps, err := s.mounter.List()
+	if err != nil {
+		return status.Errorf(codes.Internal, "list mounts: %v", err)
+	}
+	for _, mp := range mps {
+		if mp.Device == att.Device {
+			return status.Errorf(codes.FailedPrecondition, "device %s of volume %s is still mounted at %s; unpublish it first", att.Device, volumeID, mp.Path)
+		}
+	}
+	return nil
+}
+
+// sameStaging reports whether a recorded staging path is the resolved path
+// (records written before paths were resolved hold the request's path).
+func sameStaging(recorded, resolved string) bool {
+	if recorded == resolved {
+		return true
+	}
+	r, err := resolvePath(recorded)
+	return err == nil && r == resolved
 }
 
 // sameStage reports whether two stage requests are the same.

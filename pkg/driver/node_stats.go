@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io/fs"
 	"os"
-	"path/filepath"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -17,9 +16,13 @@ import (
 // NodeGetVolumeStats reports bytes and inodes of a filesystem volume, or
 // the size of a block volume.
 func (s *NodeService) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
-	volumeID, path := req.GetVolumeId(), req.GetVolumePath()
-	if volumeID == "" || path == "" {
+	volumeID := req.GetVolumeId()
+	if volumeID == "" || req.GetVolumePath() == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume ID and volume path are required")
+	}
+	path, _, err := s.ownedPath(volumeID, req.GetVolumePath(), useVolume)
+	if err != nil {
+		return nil, err
 	}
 	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
 		return nil, status.Errorf(codes.NotFound, "volume path %s does not exist", path)
@@ -78,9 +81,18 @@ func (s *NodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetV
 // NodeExpandVolume asks the server for the export size again, resizes the
 // device and grows the filesystem online.
 func (s *NodeService) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
-	volumeID, path := req.GetVolumeId(), req.GetVolumePath()
-	if volumeID == "" || path == "" {
+	volumeID := req.GetVolumeId()
+	if volumeID == "" || req.GetVolumePath() == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume ID and volume path are required")
+	}
+	path, _, err := s.ownedPath(volumeID, req.GetVolumePath(), useVolume)
+	if err != nil {
+		return nil, err
+	}
+	if req.GetStagingTargetPath() != "" {
+		if _, _, err := s.ownedPath(volumeID, req.GetStagingTargetPath(), useStaging); err != nil {
+			return nil, err
+		}
 	}
 	if !s.volumes.TryAcquire(volumeID) {
 		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", volumeID)
@@ -111,8 +123,8 @@ func (s *NodeService) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandV
 			return nil, statusError("look up device", err)
 		}
 		mountPath := rec.StagingPath
-		if _, err := os.Stat(filepath.Clean(path)); err == nil {
-			mountPath = filepath.Clean(path)
+		if _, err := os.Stat(path); err == nil {
+			mountPath = path
 		}
 		if err := s.mounter.ResizeFS(att.Device, mountPath); err != nil {
 			return nil, status.Errorf(codes.Internal, "grow filesystem: %v", err)

@@ -4,6 +4,8 @@ package driver_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -68,14 +70,24 @@ var rwo = csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
 
 func (e *nodeEnv) stageReq(vol string) *csi.NodeStageVolumeRequest {
 	return &csi.NodeStageVolumeRequest{
-		VolumeId: vol, StagingTargetPath: filepath.Join(e.kubelet, "plugins", "staging", vol),
+		VolumeId: vol, StagingTargetPath: e.staging(vol),
 		VolumeCapability: mountCap("ext4", rwo),
 		VolumeContext:    map[string]string{"uri": "nbd://server/" + vol, "csi.storage.k8s.io/pv/name": "pv"},
 	}
 }
 
 func (e *nodeEnv) target(vol string) string {
-	return filepath.Join(e.kubelet, "pods", "uid", "volumes", vol, "mount")
+	return filepath.Join(e.kubelet, "pods", "uid", "volumes", "kubernetes.io~csi", vol, "mount")
+}
+
+// staging is where kubelet 1.24+ stages a filesystem volume of this driver.
+func (e *nodeEnv) staging(vol string) string {
+	return kubeletStaging(e.kubelet, vol)
+}
+
+func kubeletStaging(kubelet, vol string) string {
+	h := sha256.Sum256([]byte(vol))
+	return filepath.Join(kubelet, "plugins", "kubernetes.io", "csi", driver.DefaultDriverName, hex.EncodeToString(h[:]), "globalmount")
 }
 
 func code(err error) codes.Code { return status.Code(err) }
@@ -249,7 +261,7 @@ func TestNodePublishSelfHeal(t *testing.T) {
 
 	// A volume never staged is FailedPrecondition, never an empty bind.
 	pub2 := proto.Clone(pub).(*csi.NodePublishVolumeRequest)
-	pub2.VolumeId, pub2.TargetPath = "vol2", e.target("vol2")
+	pub2.VolumeId, pub2.TargetPath, pub2.StagingTargetPath = "vol2", e.target("vol2"), e.staging("vol2")
 	if _, err := e.svc.NodePublishVolume(ctx, pub2); code(err) != codes.FailedPrecondition {
 		t.Errorf("publish unstaged: %v, want FailedPrecondition", err)
 	}
@@ -281,11 +293,57 @@ func TestNodeBlockVolume(t *testing.T) {
 	if err != nil || len(st.Usage) != 1 || st.Usage[0].Total != 1<<30 {
 		t.Errorf("block stats = %v, %v", st, err)
 	}
+	// The kubelet asks for a block volume's stats at its global map path's
+	// per-pod entry, a bind mount of the published device.
+	mapped := filepath.Join(e.kubelet, "plugins", "kubernetes.io", "csi", "volumeDevices", "pv-blk", "dev", "pod-uid")
+	if err := os.MkdirAll(filepath.Dir(mapped), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(mapped, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.mnt.Mount(target, mapped, "", []string{"bind"}); err != nil {
+		t.Fatal(err)
+	}
+	st, err = e.svc.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "blk", VolumePath: mapped})
+	if err != nil || len(st.Usage) != 1 || st.Usage[0].Total != 1<<30 {
+		t.Errorf("block stats at the global map path = %v, %v", st, err)
+	}
+	if err := e.mnt.Unmount(mapped); err != nil {
+		t.Fatal(err)
+	}
 	// Publishing a block-staged volume as a filesystem is refused.
 	pub.VolumeCapability = mountCap("ext4", rwo)
 	pub.TargetPath = e.target("blk")
 	if _, err := e.svc.NodePublishVolume(ctx, pub); code(err) != codes.InvalidArgument {
 		t.Errorf("publish block as mount: %v, want InvalidArgument", err)
+	}
+
+	// Unpublish removes the file the publish made, and nothing it did not
+	// make: files at other block target paths stay, empty or not.
+	foreign := filepath.Join(filepath.Dir(target), "other-pod")
+	if err := os.WriteFile(foreign, []byte("not ours"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	emptyForeign := filepath.Join(filepath.Dir(target), "empty-pod")
+	if err := os.WriteFile(emptyForeign, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{target, foreign, emptyForeign} {
+		if _, err := e.svc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "blk", TargetPath: p}); err != nil {
+			t.Errorf("unpublish %s: %v", p, err)
+		}
+	}
+	if _, err := os.Lstat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("block target %s left after unpublish: %v", target, err)
+	}
+	for _, p := range []string{foreign, emptyForeign} {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("file %s that no publish made was removed: %v", p, err)
+		}
+	}
+	if mps, _ := e.mnt.List(); len(mps) != 0 {
+		t.Errorf("mounts after unpublish: %+v", mps)
 	}
 }
 

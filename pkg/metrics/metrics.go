@@ -73,6 +73,52 @@ func (r *Registry) Gauges(name, help, label string, fn func(context.Context) (ma
 	r.reg.MustRegister(&gaugeFunc{desc: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "", name), help, []string{label}, nil), fn: fn})
 }
 
+// Sample is one series of a Family: its label values, in the family's
+// label order, and its value.
+type Sample struct {
+	Labels []string
+	Value  float64
+}
+
+// Family registers a gauge (counter false) or counter family with several
+// labels whose series fn computes at scrape time, e.g. one per volume
+// attached on the node: the series of a volume that is gone are not
+// reported again, so cardinality is bounded by what exists. fn gets a
+// context that ends after 5 s; an error leaves the family out of that
+// scrape.
+func (r *Registry) Family(name, help string, counter bool, labels []string, fn func(context.Context) ([]Sample, error)) {
+	vt := prometheus.GaugeValue
+	if counter {
+		vt = prometheus.CounterValue
+	}
+	r.reg.MustRegister(&familyFunc{desc: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "", name), help, labels, nil), vt: vt, fn: fn})
+}
+
+type familyFunc struct {
+	desc *prometheus.Desc
+	vt   prometheus.ValueType
+	fn   func(context.Context) ([]Sample, error)
+}
+
+func (f *familyFunc) Describe(ch chan<- *prometheus.Desc) { ch <- f.desc }
+
+func (f *familyFunc) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	samples, err := f.fn(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(f.desc, err)
+		return
+	}
+	for _, s := range samples {
+		m, err := prometheus.NewConstMetric(f.desc, f.vt, s.Value, s.Labels...)
+		if err != nil {
+			m = prometheus.NewInvalidMetric(f.desc, err)
+		}
+		ch <- m
+	}
+}
+
 // Handler serves the registry in the Prometheus text format.
 func (r *Registry) Handler() http.Handler {
 	return promhttp.HandlerFor(r.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})

@@ -83,3 +83,31 @@ func TestGaugesComputedAtScrape(t *testing.T) {
 		t.Errorf("failing family handling:\n%s", out)
 	}
 }
+
+// TestFamilyPerVolume: a Family reports exactly the series its function
+// returns at each scrape, so a volume that is gone has no series any more.
+func TestFamilyPerVolume(t *testing.T) {
+	r := New()
+	volumes := []Sample{{Labels: []string{"vol-a", "/dev/nbd0"}, Value: 1}, {Labels: []string{"vol-b", "/dev/nbd1"}, Value: 0}}
+	r.Family("node_volume_healthy", "test", false, []string{"volume_id", "device"}, func(context.Context) ([]Sample, error) {
+		return volumes, nil
+	})
+	r.Family("node_volume_connection_events_total", "test", true, []string{"volume_id", "event"}, func(context.Context) ([]Sample, error) {
+		return []Sample{{Labels: []string{"vol-a", "reconnected"}, Value: 3}}, nil
+	})
+	out := scrape(t, r)
+	for _, w := range []string{
+		`nbdcsi_node_volume_healthy{device="/dev/nbd0",volume_id="vol-a"} 1`,
+		`nbdcsi_node_volume_healthy{device="/dev/nbd1",volume_id="vol-b"} 0`,
+		"# TYPE nbdcsi_node_volume_connection_events_total counter",
+		`nbdcsi_node_volume_connection_events_total{event="reconnected",volume_id="vol-a"} 3`,
+	} {
+		if !strings.Contains(out, w) {
+			t.Errorf("scrape lacks %s:\n%s", w, out)
+		}
+	}
+	volumes = volumes[:1]
+	if out := scrape(t, r); strings.Contains(out, "vol-b") {
+		t.Errorf("vol-b still reported after it went away:\n%s", out)
+	}
+}

@@ -228,6 +228,15 @@ func TestChartDefaults(t *testing.T) {
 	if !rbacOK {
 		t.Error("controller ClusterRole cannot update nbdexports")
 	}
+	// The node plugin may create Events and find PVs, and read no pods.
+	nodeRules := fmt.Sprint(get(objs["ClusterRole/nbd-csi-node"], "rules"))
+	if !strings.Contains(nodeRules, "resources:[events] verbs:[create patch]") ||
+		!strings.Contains(nodeRules, "resources:[persistentvolumes] verbs:[get list]") || strings.Contains(nodeRules, "pods") {
+		t.Errorf("node ClusterRole rules: %s", nodeRules)
+	}
+	if get(objs["ClusterRoleBinding/nbd-csi-node"], "roleRef", "name") != "nbd-csi-node" {
+		t.Error("node ClusterRole not bound")
+	}
 	for _, v := range get(dep, "spec", "template", "spec", "volumes").([]any) {
 		if v.(map[string]any)["name"] == "store" {
 			t.Error("kubernetes store still mounts a store volume")
@@ -266,6 +275,10 @@ func TestChartCustomValues(t *testing.T) {
 	}
 	if !ok || !strings.Contains(strings.Join(toStrings(node["args"]), " "), "--kubelet-dir=/data/kubelet") {
 		t.Errorf("custom kubeletDir not applied: %v", node["args"])
+	}
+	if !strings.Contains(strings.Join(toStrings(node["args"]), " "), "--health-address=127.0.0.1:9809") ||
+		get(node, "livenessProbe", "httpGet", "host") != "127.0.0.1" || get(node, "readinessProbe", "httpGet", "host") != "127.0.0.1" {
+		t.Errorf("node.healthHost not applied: args %v, liveness %v", node["args"], get(node, "livenessProbe"))
 	}
 	if a := get(ds, "spec", "template", "metadata", "annotations"); a != nil {
 		t.Errorf("metrics.podAnnotations false, yet the node pods are annotated: %v", a)

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/hex"
 	"os"
 	"path/filepath"
 	"slices"
@@ -96,8 +97,13 @@ func (n *node) start() {
 
 func (n *node) stop() { n.att.Close() }
 
-func (n *node) staging(vol string) string {
-	return filepath.Join(n.kubelet, "plugins", "kubernetes.io", "csi", "nbd", vol, "globalmount")
+func (n *node) staging(vol string) string { return kubeletStaging(n.kubelet, vol) }
+
+// kubeletStaging is where kubelet 1.24+ stages a filesystem volume of this
+// driver (the node plugin accepts only the kubelet's paths).
+func kubeletStaging(kubelet, vol string) string {
+	h := sha256.Sum256([]byte(vol))
+	return filepath.Join(kubelet, "plugins", "kubernetes.io", "csi", driver.DefaultDriverName, hex.EncodeToString(h[:]), "globalmount")
 }
 
 func (n *node) target(vol string) string {
@@ -124,7 +130,8 @@ func (n *node) stagePublish(vol string, c *csi.VolumeCapability, vc map[string]s
 	}
 	target := n.target(vol)
 	if c.GetBlock() != nil {
-		target = filepath.Join(n.kubelet, "pods", "pod-"+vol, "volumeDevices", "kubernetes.io~csi", vol)
+		// Where the kubelet publishes block volumes.
+		target = filepath.Join(n.kubelet, "plugins", "kubernetes.io", "csi", "volumeDevices", "publish", vol, "pod-"+vol)
 	}
 	// A failing test still leaves no mount or device behind (idempotent
 	// calls: after a successful unpublishUnstage these do nothing).

@@ -167,7 +167,7 @@ func pluginKilled(t *testing.T, useTLS bool) {
 	p := startPlugin(t, kubelet, state)
 	ctx := context.Background()
 	vol := "plugin-kill"
-	staging := filepath.Join(kubelet, "plugins", "kubernetes.io", "csi", "nbd", vol, "globalmount")
+	staging := kubeletStaging(kubelet, vol)
 	target := filepath.Join(kubelet, "pods", "pod1", "volumes", "kubernetes.io~csi", vol, "mount")
 	c := fsCap("ext4")
 	if _, err := p.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging,

@@ -146,7 +146,8 @@ func sanityInProcess(t *testing.T, root string, st store.Store) {
 		att, mnt = fa, drivertest.NewMounter(fa)
 		t.Log("node: stateful fakes (no nbd in this kernel)")
 	}
-	node, err := driver.NewNodeService(driver.NodeOptions{NodeID: "sanity-node", KubeletDir: kubelet, StateDir: filepath.Join(root, "state")}, att, mnt)
+	node, err := driver.NewNodeService(driver.NodeOptions{NodeID: "sanity-node", KubeletDir: kubelet,
+		PathRoot: kubelet, StateDir: filepath.Join(root, "state")}, att, mnt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +189,7 @@ func TestSanityBinary(t *testing.T) {
 	kubelet := filepath.Join(root, "kubelet")
 	sock := filepath.Join(root, "csi.sock")
 	cmd := exec.Command(bin, "serve", "--mode=all", "--endpoint=unix://"+sock, "--node-id=sanity-node",
-		"--kubelet-dir="+kubelet, "--state-dir="+filepath.Join(root, "state"), "--store-path="+filepath.Join(root, "store.db"),
+		"--kubelet-dir="+kubelet, "--path-root="+kubelet, "--state-dir="+filepath.Join(root, "state"), "--store-path="+filepath.Join(root, "store.db"),
 		"--skip-modprobe", "--scan-max-age=1s")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
