@@ -36,6 +36,23 @@ type ControllerOptions struct {
 	// that exports that appear or vanish show in the inventory without a
 	// request (0: no background scans).
 	ScanInterval time.Duration
+	// WipeBudget bounds the time one DeleteVolume spends wiping (default
+	// 60s, and at most three quarters of the caller's deadline). A wipe
+	// that needs longer saves its progress and returns Aborted; the
+	// retried DeleteVolume continues where it stopped.
+	WipeBudget time.Duration
+	// Wipes, if set, is told about the progress of wipes (metrics).
+	Wipes WipeObserver
+}
+
+// WipeObserver follows wipes, e.g. to export metrics.
+type WipeObserver interface {
+	// WipeProgress reports that a volume's export reads as zeroes below
+	// wiped of size bytes.
+	WipeProgress(volumeID string, wiped, size uint64)
+	// WipeDone reports a finished wipe: bytes zeroed by requests and
+	// bytes skipped because they already read as zeroes.
+	WipeDone(volumeID string, zeroed, skipped uint64)
 }
 
 // ControllerService implements the CSI controller service: provisioning
@@ -70,6 +87,9 @@ func NewControllerService(opts ControllerOptions, st store.Store, disc Discovere
 	}
 	if opts.ScanTimeout <= 0 {
 		opts.ScanTimeout = 30 * time.Second
+	}
+	if opts.WipeBudget <= 0 {
+		opts.WipeBudget = time.Minute
 	}
 	return &ControllerService{opts: opts, store: st, disc: disc, volumes: newInflight(),
 		scanned: map[string]time.Time{}, scanLock: map[string]*sync.Mutex{}, servers: map[string]knownServer{}}
@@ -243,7 +263,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	writer := writable(req.GetVolumeCapabilities())
 	e, err := s.store.Claim(store.ClaimRequest{
 		VolumeName: name, VolumeID: volumeID(name), Server: p.server.String(), MinSize: uint64(required),
-		VolumeContext: p.volumeContext, Wipe: p.wipe,
+		VolumeContext: p.volumeContext, Wipe: p.wipe, KeepData: !p.wipe,
 		Fits: func(e *store.Export) bool {
 			if ok, _ := path.Match(p.filter, e.Name); !ok {
 				return false
@@ -274,8 +294,15 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	}}, nil
 }
 
-// DeleteVolume wipes the export when the StorageClass asked for it, then
-// releases it. Unknown and static volumes succeed (nothing to release).
+// DeleteVolume wipes the export unless the StorageClass opted out
+// (wipeOnDelete: "false"), then releases it. Unknown and static volumes
+// succeed (nothing to release).
+//
+// The export stays Bound to the volume until its wipe has finished, so no
+// claim can get it earlier, also when the controller restarts mid-wipe. A
+// wipe runs for at most WipeBudget per call and records its progress in the
+// store; when it needs longer, DeleteVolume returns Aborted and the retry
+// continues from the recorded offset.
 func (s *ControllerService) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
@@ -295,28 +322,64 @@ func (s *ControllerService) DeleteVolume(ctx context.Context, req *csi.DeleteVol
 	if holders, err := s.store.Holders(id); err == nil && len(holders) > 0 {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still published to node %s", id, holders[0].NodeID)
 	}
-	if e.Wipe {
-		u, err := nbd.ParseURI(e.VolumeContext[KeyURI])
-		if err != nil {
-			return nil, status.Errorf(codes.Internal, "recorded URI: %v", err)
-		}
-		tls, err := tlsFromSecrets(req.GetSecrets())
-		if err != nil {
-			return nil, status.Error(codes.InvalidArgument, err.Error())
-		}
-		start := time.Now()
-		if err := s.disc.Wipe(ctx, u, tls); err != nil {
-			// Keep the claim: the next retry wipes again; the data must
-			// never reach another tenant.
-			return nil, statusError("wipe export "+e.Name, unavailable(err))
-		}
-		logger(ctx).Info("Wiped", "export", e.Name, "bytes", e.Size, "duration", time.Since(start))
+	if e.KeepData {
+		logger(ctx).Info("Releasing without a wipe: the StorageClass set wipeOnDelete to false", "volume", id, "export", e.Name, "server", e.Server)
+	} else if err := s.wipe(ctx, req, e); err != nil {
+		// Keep the claim: the next retry continues the wipe; the data
+		// must never reach another tenant.
+		return nil, err
 	}
 	if _, err := s.store.Release(id); err != nil {
 		return nil, status.Errorf(codes.Internal, "release: %v", err)
 	}
-	logger(ctx).Info("Released", "export", e.Name, "server", e.Server)
+	logger(ctx).Info("Released", "volume", id, "export", e.Name, "server", e.Server)
 	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// wipe zeroes a deleted volume's export within the wipe budget, from where
+// an earlier attempt stopped. It returns nil only when the whole export
+// reads as zeroes.
+func (s *ControllerService) wipe(ctx context.Context, req *csi.DeleteVolumeRequest, e *store.Export) error {
+	id := e.VolumeID
+	u, err := nbd.ParseURI(e.VolumeContext[KeyURI])
+	if err != nil {
+		return status.Errorf(codes.Internal, "recorded URI of volume %s: %v", id, err)
+	}
+	tls, err := tlsFromSecrets(req.GetSecrets())
+	if err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	budget := s.opts.WipeBudget
+	if dl, ok := ctx.Deadline(); ok {
+		budget = min(budget, time.Until(dl)*3/4)
+	}
+	budget = max(budget, time.Second)
+	log := logger(ctx).WithValues("volume", id, "export", e.Name, "server", e.Server)
+	if e.WipedTo > 0 {
+		log.Info("Continuing wipe", "wipedTo", e.WipedTo, "bytes", e.Size)
+	}
+	start := time.Now()
+	res, err := s.disc.Wipe(ctx, u, tls, nbd.WipeOptions{From: e.WipedTo, Until: start.Add(budget),
+		Checkpoint: func(next uint64) error {
+			if s.opts.Wipes != nil {
+				s.opts.Wipes.WipeProgress(id, next, e.Size)
+			}
+			return s.store.WipeProgress(id, next)
+		}})
+	if err != nil {
+		log.Error(err, "Wipe failed; the export stays claimed and DeleteVolume continues from the last checkpoint", "wipedTo", res.Next)
+		return statusError("wipe export "+e.Name, unavailable(err))
+	}
+	if !res.Done() {
+		log.Info("Wipe in progress", "wipedTo", res.Next, "bytes", res.Size, "zeroed", res.Zeroed, "skipped", res.Skipped, "duration", time.Since(start))
+		return status.Errorf(codes.Aborted, "wipe of export %s in progress: %d of %d bytes read as zeroes; a retried DeleteVolume continues from there", e.Name, res.Next, res.Size)
+	}
+	if s.opts.Wipes != nil {
+		s.opts.Wipes.WipeDone(id, res.Zeroed, res.Skipped)
+	}
+	log.Info("Wiped", "bytes", res.Size, "zeroed", res.Zeroed, "skipped", res.Skipped, "method", res.Method,
+		"allocationAware", res.AllocationAware, "duration", time.Since(start))
+	return nil
 }
 
 // isDynamic reports whether the controller made the volume ID.

@@ -51,8 +51,10 @@ const (
 // WipeResult reports what Wipe did.
 type WipeResult struct {
 	// Next is the offset below which the export reads as zeroes; it equals
-	// the export size when the wipe is complete.
+	// Size when the wipe is complete.
 	Next uint64
+	// Size is the export size.
+	Size uint64
 	// Zeroed counts the bytes zeroed by requests; Skipped the bytes
 	// base:allocation reported as reading as zeroes already.
 	Zeroed, Skipped uint64
@@ -63,7 +65,7 @@ type WipeResult struct {
 }
 
 // Done reports whether the whole export reads as zeroes.
-func (r WipeResult) Done(size uint64) bool { return r.Next >= size }
+func (r WipeResult) Done() bool { return r.Next >= r.Size }
 
 // Limits of one wipe step.
 const (
@@ -93,7 +95,7 @@ const (
 // resume. Progress is durable at each checkpoint.
 func (c *Conn) Wipe(ctx context.Context, opts WipeOptions) (WipeResult, error) {
 	info := c.info
-	res := WipeResult{Next: opts.From, Method: WipeFastZero}
+	res := WipeResult{Next: opts.From, Size: info.Size, Method: WipeFastZero}
 	if c.tx == nil {
 		return res, fmt.Errorf("%w: wiping needs a userspace-profile connection", ErrBadArgument)
 	}
