@@ -26,9 +26,10 @@ type WipeOptions struct {
 	// least every CheckpointBytes of progress and at the end. An error
 	// from it stops the wipe.
 	Checkpoint func(next uint64) error
-	// CheckpointBytes is the progress between checkpoints (default 256
-	// MiB, at least 4 MiB, at most 1 GiB). It is also the step after
-	// which Until is looked at.
+	// CheckpointBytes is the step (default 256 MiB, at least 4 MiB, at
+	// most 1 GiB): one BLOCK_STATUS request covers at most a step, Until
+	// is looked at after each, and a checkpoint follows every step of
+	// bytes zeroed or four steps covered.
 	CheckpointBytes uint64
 	// IgnoreAllocation zeroes every byte, even where base:allocation says
 	// the export already reads as zeroes (for comparison in benchmarks).
@@ -122,6 +123,7 @@ func (c *Conn) Wipe(ctx context.Context, opts WipeOptions) (WipeResult, error) {
 			z.method = WipeFastZero
 		}
 	}
+	last, dirty := res.Next, uint64(0)
 	for res.Next < info.Size {
 		if !opts.Until.IsZero() && !time.Now().Before(opts.Until) {
 			break
@@ -147,7 +149,19 @@ func (c *Conn) Wipe(ctx context.Context, opts WipeOptions) (WipeResult, error) {
 		res.Zeroed += zeroed
 		res.Skipped += span - zeroed
 		res.Next += span
-		if err := c.checkpoint(ctx, opts.Checkpoint, res.Next); err != nil {
+		// Checkpoint after step bytes zeroed, or 4 steps covered, or at
+		// the end; a checkpoint with nothing zeroed since the last one
+		// needs no FLUSH.
+		dirty += zeroed
+		if dirty >= step || res.Next-last >= 4*step || res.Next == info.Size {
+			if err := c.checkpoint(ctx, opts.Checkpoint, res.Next, dirty > 0); err != nil {
+				return res, err
+			}
+			dirty, last = 0, res.Next
+		}
+	}
+	if res.Next != last {
+		if err := c.checkpoint(ctx, opts.Checkpoint, res.Next, dirty > 0); err != nil {
 			return res, err
 		}
 	}
@@ -156,8 +170,8 @@ func (c *Conn) Wipe(ctx context.Context, opts WipeOptions) (WipeResult, error) {
 }
 
 // checkpoint flushes and reports progress.
-func (c *Conn) checkpoint(ctx context.Context, fn func(uint64) error, next uint64) error {
-	if c.info.Flags.Has(FlagSendFlush) {
+func (c *Conn) checkpoint(ctx context.Context, fn func(uint64) error, next uint64, flush bool) error {
+	if flush && c.info.Flags.Has(FlagSendFlush) {
 		if err := c.Flush(ctx); err != nil {
 			return fmt.Errorf("flush: %w", err)
 		}
