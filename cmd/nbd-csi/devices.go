@@ -205,7 +205,7 @@ func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "DEVICE\tSIZE\tCONNECTED\tRO\tOWNER\tBACKEND")
 	for _, x := range out {
-		fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, x.Owner, x.BackendID)
+		fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, printable(x.Owner), printable(x.BackendID))
 	}
 	return tw.Flush()
 }

@@ -74,10 +74,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		case errors.Is(err, flag.ErrHelp):
 			return 0
 		case errors.Is(err, errUsage):
-			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
+			fmt.Fprintf(stderr, "nbd-csi %s: %s\n", c.name, printable(err.Error()))
 			return 2
 		default:
-			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
+			// Error texts may carry a server's words: escape them.
+			fmt.Fprintf(stderr, "nbd-csi %s: %s\n", c.name, printable(err.Error()))
 			return 1
 		}
 	}
