@@ -196,7 +196,8 @@ func (s *ControllerService) ensureInventory(ctx context.Context, p *poolParams, 
 // unavailable marks connection-level failures to a server as Unavailable.
 func unavailable(err error) error {
 	var oe *nbd.OptionError
-	if errors.As(err, &oe) || errors.Is(err, nbd.ErrBadURI) || errors.Is(err, nbd.ErrTLSRequired) || errors.Is(err, nbd.ErrTLSUnavailable) {
+	if errors.As(err, &oe) || errors.Is(err, nbd.ErrBadURI) || errors.Is(err, nbd.ErrBadArgument) ||
+		errors.Is(err, nbd.ErrTLSRequired) || errors.Is(err, nbd.ErrTLSUnavailable) || errors.Is(err, nbd.ErrInventoryLimit) {
 		return err
 	}
 	return status.Error(codes.Unavailable, err.Error())

@@ -536,7 +536,11 @@ func TestControllerTLSServerProbes(t *testing.T) {
 	c, d, _ := newController(t, store.Export{Name: "a", Size: 4 << 30})
 	d.tlsOnly = true
 	ctx := context.Background()
-	secrets := map[string]string{"ca.crt": "-----BEGIN CERTIFICATE-----\n"}
+	ca, err := os.ReadFile(servers.GenerateCerts(t).CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := map[string]string{"ca.crt": string(ca)}
 	req := createReq("pvc-tls", 1<<30, nil)
 	req.Secrets = secrets
 	v, err := c.CreateVolume(ctx, req)
@@ -558,5 +562,29 @@ func TestControllerTLSServerProbes(t *testing.T) {
 	h, err := c.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: v.Volume.VolumeId})
 	if err != nil || len(h.VolumeHealth.HealthStatuses) != 0 || d.probesWithTLS != before+2 {
 		t.Errorf("health = %v, %v (TLS probes %d)", h, err, d.probesWithTLS-before)
+	}
+}
+
+// TestControllerBadTLSSecret: unparsable PEM in the provisioner secret is
+// the caller's error (InvalidArgument), not an unreachable server
+// (Unavailable, which the provisioner retries forever).
+func TestControllerBadTLSSecret(t *testing.T) {
+	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c := driver.NewControllerService(driver.ControllerOptions{}, st, driver.NBDDiscoverer{})
+	for name, sec := range map[string]map[string]string{
+		"ca":       {"ca.crt": "not a PEM"},
+		"key pair": {"tls.crt": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "tls.key": "junk"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			req := createReq("pvc", 1, map[string]string{"server": "nbds://127.0.0.1:1"})
+			req.Secrets = sec
+			if _, err := c.CreateVolume(context.Background(), req); code(err) != codes.InvalidArgument {
+				t.Errorf("CreateVolume with %v: %v, want InvalidArgument", sec, err)
+			}
+		})
 	}
 }

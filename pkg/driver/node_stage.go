@@ -4,6 +4,8 @@ package driver
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"maps"
@@ -223,12 +225,21 @@ func tlsFromSecrets(sec map[string]string) (*nbd.TLSOptions, error) {
 	if (cert == "") != (key == "") {
 		return nil, fmt.Errorf("TLS secret: %q and %q must be given together", SecretCert, SecretKey)
 	}
+	// Parse the material here, so that a bad secret is the caller's error
+	// (InvalidArgument) and not mistaken for an unreachable server.
 	o := &nbd.TLSOptions{}
 	if ca != "" {
 		o.CAPEM = []byte(ca)
+		if !x509.NewCertPool().AppendCertsFromPEM(o.CAPEM) {
+			return nil, fmt.Errorf("TLS secret: %q holds no PEM certificate", SecretCA)
+		}
 	}
 	if cert != "" {
 		o.CertPEM, o.KeyPEM = []byte(cert), []byte(key)
+		if _, err := tls.X509KeyPair(o.CertPEM, o.KeyPEM); err != nil {
+			// crypto/tls errors do not include key material.
+			return nil, fmt.Errorf("TLS secret: %q and %q are not a valid PEM certificate and key: %v", SecretCert, SecretKey, err)
+		}
 	}
 	return o, nil
 }
