@@ -92,6 +92,9 @@ func runAttach(ctx context.Context, args []string, stdout io.Writer) error {
 	if fs.NArg() != 1 {
 		return fmt.Errorf("%w: want exactly one URI", errUsage)
 	}
+	if *timeout < 0 || *dead < 0 {
+		return fmt.Errorf("%w: --timeout %v, --dead-conn-timeout %v: durations cannot be negative", errUsage, *timeout, *dead)
+	}
 	u, err := parseURI(fs.Arg(0))
 	if err != nil {
 		return err

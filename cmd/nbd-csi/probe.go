@@ -88,6 +88,9 @@ func (c *clientFlags) parse(name string, args []string) (*nbd.URI, error) {
 	if fs.NArg() != 1 {
 		return nil, fmt.Errorf("%w: want exactly one URI, got %d arguments", errUsage, fs.NArg())
 	}
+	if c.timeout <= 0 {
+		return nil, fmt.Errorf("%w: --timeout %v: want a positive duration (e.g. 30s)", errUsage, c.timeout)
+	}
 	return parseURI(fs.Arg(0))
 }
 
