@@ -228,6 +228,38 @@ func checkCapabilities(caps []*csi.VolumeCapability) error {
 	return nil
 }
 
+// checkMkfsForCapabilities validates the StorageClass's mkfsOptions for
+// every filesystem the capabilities ask for; block-only volumes never run
+// mkfs, so the options must suit ext4 or xfs.
+func checkMkfsForCapabilities(raw string, caps []*csi.VolumeCapability) error {
+	opts := strings.Fields(raw)
+	if len(opts) == 0 {
+		return nil
+	}
+	mounted := false
+	for _, vc := range caps {
+		if m := vc.GetMount(); m != nil {
+			mounted = true
+			fs := m.GetFsType()
+			if fs == "" {
+				fs = DefaultFSType
+			}
+			if err := CheckMkfsOptions(fs, opts); err != nil {
+				return err
+			}
+		}
+	}
+	if mounted {
+		return nil
+	}
+	if err := CheckMkfsOptions(FSExt4, opts); err != nil {
+		if xerr := CheckMkfsOptions(FSXFS, opts); xerr != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // CreateVolume claims the smallest available export of the StorageClass's
 // server that fits the request. Retries with the same name return the same
 // export.
@@ -244,6 +276,9 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	}
 	p, err := parsePoolParams(req.GetParameters())
 	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if err := checkMkfsForCapabilities(p.nodeContext[KeyMkfsOptions], req.GetVolumeCapabilities()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	tls, err := tlsFromSecrets(req.GetSecrets())

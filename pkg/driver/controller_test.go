@@ -147,6 +147,8 @@ func TestControllerCreateValidation(t *testing.T) {
 		{"bad glob", createReq("x", 1, map[string]string{"exportFilter": "["}), codes.InvalidArgument},
 		{"bad wipe", createReq("x", 1, map[string]string{"wipeOnDelete": "maybe"}), codes.InvalidArgument},
 		{"bad node key", createReq("x", 1, map[string]string{"connections": "99"}), codes.InvalidArgument},
+		{"mkfs copies a host directory", createReq("x", 1, map[string]string{"mkfsOptions": "-d /etc"}), codes.InvalidArgument},
+		{"mkfs journal device", createReq("x", 1, map[string]string{"mkfsOptions": "-J device=/dev/sda"}), codes.InvalidArgument},
 		{"sidecar keys ignored (then no export is left)", createReq("y", 1, map[string]string{"csi.storage.k8s.io/pvc/name": "p"}), codes.ResourceExhausted},
 		{"no capabilities", &csi.CreateVolumeRequest{Name: "x", Parameters: map[string]string{"server": server}}, codes.InvalidArgument},
 		{"multi writer", &csi.CreateVolumeRequest{Name: "x", Parameters: map[string]string{"server": server},

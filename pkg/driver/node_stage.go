@@ -41,6 +41,11 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if !c.block {
+		if err := CheckMkfsOptions(c.fsType, params.MkfsOptions); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+	}
 	tlsOpts, err := tlsFromSecrets(req.GetSecrets())
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -133,6 +138,10 @@ func (s *NodeService) mountStaging(ctx context.Context, device string, rec *Volu
 	if rec.FSType == FSXFS {
 		// A filesystem cloned from another volume would collide by UUID.
 		opts = append(opts, "nouuid")
+	}
+	// The last guard before mkfs runs as root: whatever path led here.
+	if err := CheckMkfsOptions(rec.FSType, mkfsOptions); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	logger(ctx).V(2).Info("Formatting if needed and mounting", "device", device, "fsType", rec.FSType, "stagingPath", staging)
 	if err := s.mounter.FormatAndMount(device, staging, rec.FSType, opts, mkfsOptions); err != nil {
