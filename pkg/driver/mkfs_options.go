@@ -110,12 +110,13 @@ var ext4Options = map[string]mkfsOption{
 		"assume_storage_prezeroed": boolean,
 	})},
 	"-e": {oneOf("continue", "remount-ro", "panic")},
-	"-G": {number},                                                                                // flex group size
-	"-g": {number},                                                                                // blocks per group
-	"-i": {number},                                                                                // bytes per inode
-	"-I": {number},                                                                                // inode size
-	"-j": {},                                                                                      // journal
-	"-J": {subOptions(map[string]func(string) error{"size": number, "fast_commit_size": number})}, // never device= or location=
+	"-G": {number}, // flex group size
+	"-g": {number}, // blocks per group
+	"-i": {number}, // bytes per inode
+	"-I": {number}, // inode size
+	"-j": {},       // journal
+	// An internal journal only: never device= or location=.
+	"-J": {subOptions(map[string]func(string) error{"size": number, "fast_commit_size": number})},
 	"-L": {matches(reLabel, "label")},
 	"-m": {matches(regexp.MustCompile(`^[0-9]+(\.[0-9]+)?$`), "percentage")},
 	"-N": {number}, // number of inodes

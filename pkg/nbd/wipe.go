@@ -141,10 +141,10 @@ func (c *Conn) Wipe(ctx context.Context, opts WipeOptions) (WipeResult, error) {
 		}
 		var zeroed uint64
 		for _, r := range ranges {
-			if err := z.zero(ctx, r[0], r[1]); err != nil {
-				return res, fmt.Errorf("zero [%d, %d): %w", r[0], r[1], err)
-			}
 			zeroed += r[1] - r[0]
+		}
+		if err := z.zero(ctx, ranges); err != nil {
+			return res, fmt.Errorf("zero in [%d, %d): %w", res.Next, res.Next+span, err)
 		}
 		res.Zeroed += zeroed
 		res.Skipped += span - zeroed
@@ -222,9 +222,10 @@ type zeroer struct {
 	buf    []byte
 }
 
-// zero makes [a, b) read as zeroes.
-func (z *zeroer) zero(ctx context.Context, a, b uint64) error {
-	for a < b {
+// zero makes the ranges (ascending, disjoint) read as zeroes, all their
+// requests pipelined together.
+func (z *zeroer) zero(ctx context.Context, ranges [][2]uint64) error {
+	for len(ranges) > 0 {
 		piece := uint64(wipeZeroPiece)
 		if z.method == WipeWrite {
 			piece = min(uint64(wipeWritePiece), uint64(maxPayload(&z.c.info)))
@@ -235,34 +236,51 @@ func (z *zeroer) zero(ctx context.Context, a, b uint64) error {
 				z.buf = make([]byte, piece)
 			}
 		}
-		end, err := z.run(ctx, a, b, piece)
+		var pieces [][2]uint64
+		for _, r := range ranges {
+			for off := r[0]; off < r[1]; off += piece {
+				pieces = append(pieces, [2]uint64{off, min(off+piece, r[1])})
+			}
+		}
+		failedAt, err := z.run(ctx, pieces)
 		if err == nil {
 			return nil
 		}
-		if z.method == WipeFastZero && errors.Is(err, ErrUnsupported) {
-			// The server says zeroing is not fast here: let it zero
-			// the slow way, which still costs no network payload.
-			z.method = WipeWriteZeroes
-			a = end
-			continue
+		if z.method != WipeFastZero || !errors.Is(err, ErrUnsupported) {
+			return err
 		}
-		return err
+		// The server says zeroing is not fast here: let it zero the slow
+		// way, which still costs no network payload, from where the
+		// first refusal was.
+		z.method = WipeWriteZeroes
+		var rest [][2]uint64
+		for _, r := range ranges {
+			if r[1] > failedAt {
+				rest = append(rest, [2]uint64{max(r[0], failedAt), r[1]})
+			}
+		}
+		ranges = rest
 	}
 	return nil
 }
 
-// run issues the requests for [a, b) in pieces, wipeInFlight at a time. On
-// error it returns the offset below which every request succeeded, and the
-// server's error rather than the cancellations it caused.
-func (z *zeroer) run(parent context.Context, a, b, piece uint64) (uint64, error) {
+// run issues the requests for the pieces, wipeInFlight at a time. On error
+// it returns the start of the first piece that failed (everything below it
+// succeeded), and the server's error rather than the cancellations it
+// caused.
+func (z *zeroer) run(parent context.Context, pieces [][2]uint64) (uint64, error) {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
 	sem := make(chan struct{}, wipeInFlight)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	failedAt, cause := b, error(nil)
-	for off := a; off < b && ctx.Err() == nil; off += piece {
-		n := min(piece, b-off)
+	end := pieces[len(pieces)-1][1]
+	failedAt, cause := end, error(nil)
+	for _, p := range pieces {
+		if ctx.Err() != nil {
+			break
+		}
+		off, n := p[0], p[1]-p[0]
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
@@ -295,13 +313,13 @@ func (z *zeroer) run(parent context.Context, a, b, piece uint64) (uint64, error)
 	}
 	wg.Wait()
 	if err := parent.Err(); err != nil {
-		return min(failedAt, a), err
+		return pieces[0][0], err
 	}
 	if cause != nil {
 		return failedAt, cause
 	}
-	if failedAt < b {
+	if failedAt < end {
 		return failedAt, context.Canceled
 	}
-	return b, nil
+	return end, nil
 }
