@@ -37,9 +37,10 @@ type ControllerOptions struct {
 	// request (0: no background scans).
 	ScanInterval time.Duration
 	// WipeBudget bounds the time one DeleteVolume spends wiping (default
-	// 60s, and at most three quarters of the caller's deadline). A wipe
-	// that needs longer saves its progress and returns Aborted; the
-	// retried DeleteVolume continues where it stopped.
+	// 60s, and at most three quarters of the caller's deadline); one step
+	// (nbd.WipeOptions.CheckpointBytes) always runs, so every call makes
+	// progress. A wipe that needs longer saves its progress and returns
+	// Aborted; the retried DeleteVolume continues where it stopped.
 	WipeBudget time.Duration
 	// Wipes, if set, is told about the progress of wipes (metrics).
 	Wipes WipeObserver
@@ -389,7 +390,6 @@ func (s *ControllerService) wipe(ctx context.Context, req *csi.DeleteVolumeReque
 	if dl, ok := ctx.Deadline(); ok {
 		budget = min(budget, time.Until(dl)*3/4)
 	}
-	budget = max(budget, time.Second)
 	log := logger(ctx).WithValues("volume", id, "export", e.Name, "server", e.Server)
 	if e.WipedTo > 0 {
 		log.Info("Continuing wipe", "wipedTo", e.WipedTo, "bytes", e.Size)

@@ -17,9 +17,10 @@ type WipeOptions struct {
 	// From is where to start: everything below it already reads as zeroes
 	// (a checkpoint of an earlier, interrupted wipe).
 	From uint64
-	// Until, if set, is when to stop starting new work: Wipe then returns
-	// with Next below the export size and no error, and the caller resumes
-	// from Next later.
+	// Until, if set, is when to stop starting new steps (the first step
+	// always runs, so every call makes progress): Wipe then returns with
+	// Next below the export size and no error, and the caller resumes from
+	// Next later.
 	Until time.Time
 	// Checkpoint, if set, is called with an offset below which the export
 	// reads as zeroes durably (after a FLUSH when the export has one), at
@@ -124,8 +125,9 @@ func (c *Conn) Wipe(ctx context.Context, opts WipeOptions) (WipeResult, error) {
 		}
 	}
 	last, dirty := res.Next, uint64(0)
-	for res.Next < info.Size {
-		if !opts.Until.IsZero() && !time.Now().Before(opts.Until) {
+	for first := true; res.Next < info.Size; first = false {
+		// At least one step per call, so that every call makes progress.
+		if !first && !opts.Until.IsZero() && !time.Now().Before(opts.Until) {
 			break
 		}
 		span := min(step, info.Size-res.Next)
