@@ -404,6 +404,10 @@ func (s *ControllerService) wipe(ctx context.Context, req *csi.DeleteVolumeReque
 		}})
 	if err != nil {
 		log.Error(err, "Wipe failed; the export stays claimed and DeleteVolume continues from the last checkpoint", "wipedTo", res.Next)
+		if errors.Is(err, nbd.ErrUnknownExport) {
+			// Not NotFound: the volume exists, its export is away.
+			return status.Errorf(codes.FailedPrecondition, "wipe export %s: the server no longer has it; the claim is kept until it returns and is wiped: %v", e.Name, err)
+		}
 		return statusError("wipe export "+e.Name, unavailable(err))
 	}
 	if !res.Done() {

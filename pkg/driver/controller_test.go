@@ -491,6 +491,13 @@ func TestControllerWipeFailureKeepsClaim(t *testing.T) {
 	if _, err := c.CreateVolume(ctx, createReq("pvc-2", 1, nil)); code(err) != codes.ResourceExhausted {
 		t.Fatalf("claim after a failed wipe: %v, want ResourceExhausted (the export stays claimed)", err)
 	}
+	// The export vanished from its server: not NotFound (the volume
+	// exists), and the claim stays.
+	d.wipeErr = nil
+	d.exports = nil
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); code(err) != codes.FailedPrecondition {
+		t.Fatalf("DeleteVolume of a volume whose export is gone: %v, want FailedPrecondition", err)
+	}
 }
 
 func TestControllerBackgroundScan(t *testing.T) {
