@@ -75,6 +75,7 @@ bench: build
 	bench/handshake.sh
 	bench/kernel.sh
 	$(GO) test -run '^$$' -bench BenchmarkCreateDelete -benchtime 200x ./pkg/driver/
+	$(GO) test -run '^$$' -bench BenchmarkWipe -benchtime 1x -timeout 30m -v ./bench/wipe/
 	KUBE_APISERVER=$$(hack/kube-apiserver.sh) $(GO) test -run '^$$' -bench BenchmarkKubeClaimRelease -benchtime 200x -timeout 30m ./pkg/store/kubestore/
 
 ## demo: start a real NBD server and show what nbd-csi does with it

@@ -27,6 +27,7 @@ type controllerFlags struct {
 	scanEvery   time.Duration
 	leader      bool
 	leaderNS    string
+	wipeBudget  time.Duration
 }
 
 func (f *controllerFlags) register(fs *flag.FlagSet) {
@@ -34,6 +35,7 @@ func (f *controllerFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.scanMaxAge, "scan-max-age", time.Minute, "a server's inventory older than this is scanned again before CreateVolume/GetCapacity")
 	fs.DurationVar(&f.scanTimeout, "scan-timeout", 30*time.Second, "bound on one scan of a server")
 	fs.DurationVar(&f.scanEvery, "scan-interval", 5*time.Minute, "background rescan of every server seen, so appearing and vanishing exports show (0: off)")
+	fs.DurationVar(&f.wipeBudget, "wipe-budget", time.Minute, "bound on the time one DeleteVolume spends wiping (at most 3/4 of the caller's deadline); a longer wipe saves its progress, returns Aborted and continues on the retry")
 	fs.BoolVar(&f.leader, "leader-election", false, "kubernetes store: only the replica holding a Lease runs background scans (RPCs are served by every replica; the store keeps them consistent)")
 	fs.StringVar(&f.leaderNS, "leader-election-namespace", "", "namespace of the leader election Lease (default: $POD_NAMESPACE, else default)")
 }
@@ -61,7 +63,7 @@ func newControllerService(ctx context.Context, driverName string, f controllerFl
 			return n, nil
 		})
 	svc := driver.NewControllerService(driver.ControllerOptions{ScanMaxAge: f.scanMaxAge, ScanTimeout: f.scanTimeout,
-		ScanInterval: f.scanEvery}, st, driver.NBDDiscoverer{})
+		ScanInterval: f.scanEvery, WipeBudget: f.wipeBudget, Wipes: m}, st, driver.NBDDiscoverer{})
 	if f.leader {
 		if err := f.runLeaderElection(ctx, driverName, svc.Start); err != nil {
 			st.Close()

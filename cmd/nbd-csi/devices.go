@@ -77,6 +77,9 @@ func runAttach(ctx context.Context, args []string, stdout io.Writer) error {
 	if fs.NArg() != 1 {
 		return fmt.Errorf("%w: want exactly one URI", errUsage)
 	}
+	if *timeout < 0 || *dead < 0 {
+		return fmt.Errorf("%w: --timeout %v, --dead-conn-timeout %v: durations cannot be negative", errUsage, *timeout, *dead)
+	}
 	u, err := parseURI(fs.Arg(0))
 	if err != nil {
 		return err
@@ -193,7 +196,7 @@ func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "DEVICE\tSIZE\tCONNECTED\tRO\tOWNER\tBACKEND")
 	for _, x := range out {
-		fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, x.Owner, x.BackendID)
+		fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, printable(x.Owner), printable(x.BackendID))
 	}
 	return tw.Flush()
 }

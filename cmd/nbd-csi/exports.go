@@ -69,7 +69,8 @@ func runExports(ctx context.Context, args []string, stdout io.Writer) error {
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SERVER\tEXPORT\tSIZE\tPHASE\tVOLUME\tNODES")
 	for _, o := range out {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\n", o.Server, o.Export, humanBytes(o.Size), o.Phase, o.VolumeName, o.Nodes)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", printable(o.Server), printable(o.Export), humanBytes(o.Size), o.Phase,
+			printable(o.VolumeName), printable(fmt.Sprint(o.Nodes)))
 	}
 	return tw.Flush()
 }

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -151,9 +152,12 @@ func TestServeKubeStore(t *testing.T) {
 	if _, err := ctrl.ControllerUnpublishVolume(cctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: vol.Volume.VolumeId, NodeId: "node-a"}); err != nil {
 		t.Fatal(err)
 	}
+	// The tenant's data; the StorageClass said nothing about wiping.
+	tenantData(t, filepath.Join(pool, "diskb"))
 	if _, err := ctrl.DeleteVolume(cctx, &csi.DeleteVolumeRequest{VolumeId: vol.Volume.VolumeId}); err != nil {
 		t.Fatal(err)
 	}
+	wipedFile(t, filepath.Join(pool, "diskb"))
 	code, out, _ = runCLI(t, "exports", "--store=kubernetes", "--kubeconfig="+kubeconfig)
 	if code != 0 || strings.Contains(out, "Bound") {
 		t.Errorf("after delete (exit %d):\n%s", code, out)
@@ -221,5 +225,148 @@ func TestServeHealth(t *testing.T) {
 		check(node, "/readyz", http.StatusServiceUnavailable, "nbd")
 		check(node, "/healthz", http.StatusOK, "ok")
 		check(node, "/metrics", http.StatusOK, `nbdcsi_node_volumes{health="degraded"} 0`)
+	}
+}
+
+// tenantData writes non-zero data at the start and in the middle of file.
+func tenantData(t *testing.T, file string) {
+	t.Helper()
+	f, err := os.OpenFile(file, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data := []byte(strings.Repeat("tenant data ", 1<<16))
+	for _, off := range []int64{0, 40 << 20} {
+		if _, err := f.WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// wipedFile fails unless file reads as zeroes.
+func wipedFile(t *testing.T, file string) {
+	t.Helper()
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4<<20)
+	zero := make([]byte, len(buf))
+	for off := int64(0); ; off += int64(len(buf)) {
+		n, err := f.ReadAt(buf, off)
+		if !bytes.Equal(buf[:n], zero[:n]) {
+			t.Fatalf("%s has data in [%d, %d) after DeleteVolume: the next claim would get the previous tenant's data", file, off, off+int64(n))
+		}
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestServeWipesByDefault: `nbd-csi serve --mode=controller` with the
+// embedded store and a real nbdkit pool wipes a deleted volume's export
+// although the StorageClass says nothing about it, also when the wipe
+// takes several DeleteVolume calls (--wipe-budget below the time one step
+// takes: each call makes one 256 MiB step of progress on the sparse 1 GiB
+// export and returns Aborted; zeroing is by writes, only where
+// base:allocation says data may be), and
+// keeps the data only with an explicit wipeOnDelete "false".
+func TestServeWipesByDefault(t *testing.T) {
+	dir := t.TempDir()
+	pool := filepath.Join(dir, "pool")
+	os.Mkdir(pool, 0o755)
+	f, err := os.Create(filepath.Join(pool, "disk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(1 << 30)
+	f.Close()
+	srv := servers.Nbdkit(t, servers.Unix, "--filter=nozero", "file", "dir="+pool)
+	sock := filepath.Join(dir, "csi.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	go func() {
+		var out, errb strings.Builder
+		code := run(ctx, []string{"serve", "--mode=controller", "--endpoint=unix://" + sock,
+			"--store-path=" + filepath.Join(dir, "store.db"), "--wipe-budget=1ns"}, &out, &errb)
+		if code != 0 {
+			t.Logf("serve: exit %d: %s", code, errb.String())
+		}
+		done <- code
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i > 400 {
+			t.Fatal("serve did not create its socket")
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctrl := csi.NewControllerClient(conn)
+	cctx, ccancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer ccancel()
+	mount := []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}}
+	for _, tt := range []struct {
+		name   string
+		params map[string]string
+		wiped  bool
+	}{
+		{"default", map[string]string{}, true},
+		{"opt-out", map[string]string{"wipeOnDelete": "false"}, false},
+	} {
+		tt.params["server"] = srv.URI("")
+		vol, err := ctrl.CreateVolume(cctx, &csi.CreateVolumeRequest{Name: "pvc-" + tt.name, VolumeCapabilities: mount,
+			CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}, Parameters: tt.params})
+		if err != nil {
+			t.Fatalf("%s: CreateVolume: %v", tt.name, err)
+		}
+		tenantData(t, filepath.Join(pool, "disk"))
+		aborted := 0
+		for {
+			_, err := ctrl.DeleteVolume(cctx, &csi.DeleteVolumeRequest{VolumeId: vol.Volume.VolumeId})
+			if err == nil {
+				break
+			}
+			if status.Code(err) != codes.Aborted || aborted > 100 {
+				t.Fatalf("%s: DeleteVolume: %v (after %d Aborted)", tt.name, err, aborted)
+			}
+			aborted++
+			// Mid-wipe the export is not Available to another claim.
+			if _, err := ctrl.CreateVolume(cctx, &csi.CreateVolumeRequest{Name: "pvc-other", VolumeCapabilities: mount,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}, Parameters: tt.params}); status.Code(err) != codes.ResourceExhausted {
+				t.Fatalf("%s: claim of the export mid-wipe: %v, want ResourceExhausted", tt.name, err)
+			}
+		}
+		t.Logf("%s: DeleteVolume returned Aborted %d times before the wipe finished", tt.name, aborted)
+		if tt.wiped {
+			if aborted != 3 {
+				t.Errorf("%s: a 1 GiB wipe at one 256 MiB step per call took %d retries, want 3", tt.name, aborted)
+			}
+			wipedFile(t, filepath.Join(pool, "disk"))
+		} else {
+			f, err := os.Open(filepath.Join(pool, "disk"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			b := make([]byte, 11)
+			_, err = io.ReadFull(f, b)
+			f.Close()
+			if err != nil || string(b) != "tenant data" {
+				t.Errorf("%s: data gone although the StorageClass opted out of wiping", tt.name)
+			}
+		}
 	}
 }

@@ -101,13 +101,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprint(stdout, help.text)
 			return exitOK
 		case errors.Is(err, errUsage):
-			fmt.Fprintf(stderr, "nbd-csi %s: %v\nRun 'nbd-csi %s --help' for usage.\n", c.name, err, c.name)
+			fmt.Fprintf(stderr, "nbd-csi %s: %s\nRun 'nbd-csi %s --help' for usage.\n", c.name, printable(err.Error()), c.name)
 			return exitUsage
 		case errors.Is(err, store.ErrCorrupt):
-			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
+			fmt.Fprintf(stderr, "nbd-csi %s: %s\n", c.name, printable(err.Error()))
 			return exitCorruptStore
 		default:
-			fmt.Fprintf(stderr, "nbd-csi %s: %v\n", c.name, err)
+			// Error texts may carry a server's words: escape them.
+			fmt.Fprintf(stderr, "nbd-csi %s: %s\n", c.name, printable(err.Error()))
 			return exitFailure
 		}
 	}

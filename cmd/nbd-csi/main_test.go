@@ -82,6 +82,10 @@ func TestCLIProbeAndList(t *testing.T) {
 	}
 	for _, args := range [][]string{
 		{"probe"}, {"probe", "http://x/y"}, {"probe", "nbd://h/e?bogus=1"}, {"probe", "--nope", "nbd://h/e"}, {"frobnicate"},
+		// A timeout that cannot be met is a usage error, not an i/o timeout.
+		{"probe", "--timeout", "0", srv.URI("large")}, {"list", "--timeout", "0", srv.URI("")},
+		{"probe", "--timeout", "-1s", srv.URI("large")}, {"list", "--timeout=-5m", srv.URI("")},
+		{"attach", "--timeout", "-1s", srv.URI("large")},
 	} {
 		if code, _, _ := runCLI(t, args...); code != 2 {
 			t.Errorf("%q: exit %d, want 2", args, code)

@@ -81,6 +81,9 @@ func (c *clientFlags) parse(name string, args []string) (*nbd.URI, error) {
 	if fs.NArg() != 1 {
 		return nil, fmt.Errorf("%w: want exactly one URI, got %d arguments", errUsage, fs.NArg())
 	}
+	if c.timeout <= 0 {
+		return nil, fmt.Errorf("%w: --timeout %v: want a positive duration (e.g. 30s)", errUsage, c.timeout)
+	}
 	return parseURI(fs.Arg(0))
 }
 
@@ -139,7 +142,7 @@ func runProbe(ctx context.Context, args []string, stdout io.Writer) error {
 		fmt.Fprintf(tw, "canonical name:\t%q\n", out.CanonicalName)
 	}
 	if out.Description != "" {
-		fmt.Fprintf(tw, "description:\t%s\n", out.Description)
+		fmt.Fprintf(tw, "description:\t%s\n", printable(out.Description))
 	}
 	fmt.Fprintf(tw, "size:\t%d (%s)\n", out.Size, humanBytes(out.Size))
 	fmt.Fprintf(tw, "flags:\t%s\n", strings.Join(out.Flags, " "))
@@ -152,7 +155,7 @@ func runProbe(ctx context.Context, args []string, stdout io.Writer) error {
 	fmt.Fprintf(tw, "tls:\t%v\n", out.TLS)
 	fmt.Fprintf(tw, "structured replies:\t%v\n", out.StructuredReplies)
 	if len(out.MetaContexts) > 0 {
-		fmt.Fprintf(tw, "metadata contexts:\t%s\n", strings.Join(out.MetaContexts, " "))
+		fmt.Fprintf(tw, "metadata contexts:\t%s\n", printable(strings.Join(out.MetaContexts, " ")))
 	}
 	return tw.Flush()
 }
@@ -191,7 +194,7 @@ func runList(ctx context.Context, args []string, stdout io.Writer) error {
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "EXPORT\tDESCRIPTION")
 	for _, e := range out.Exports {
-		fmt.Fprintf(tw, "%q\t%s\n", e.Name, e.Description)
+		fmt.Fprintf(tw, "%q\t%s\n", e.Name, printable(e.Description))
 	}
 	return tw.Flush()
 }

@@ -42,6 +42,24 @@ type ControllerOptions struct {
 	// Resolver resolves server names when identities are checked for
 	// overlap (nil: net.DefaultResolver).
 	Resolver nbd.Resolver
+	// WipeBudget bounds the time one DeleteVolume spends wiping (default
+	// 60s, and at most three quarters of the caller's deadline); one step
+	// (nbd.WipeOptions.CheckpointBytes) always runs, so every call makes
+	// progress. A wipe that needs longer saves its progress and returns
+	// Aborted; the retried DeleteVolume continues where it stopped.
+	WipeBudget time.Duration
+	// Wipes, if set, is told about the progress of wipes (metrics).
+	Wipes WipeObserver
+}
+
+// WipeObserver follows wipes, e.g. to export metrics.
+type WipeObserver interface {
+	// WipeProgress reports that a volume's export reads as zeroes below
+	// wiped of size bytes.
+	WipeProgress(volumeID string, wiped, size uint64)
+	// WipeDone reports a finished wipe: bytes zeroed by requests and
+	// bytes skipped because they already read as zeroes.
+	WipeDone(volumeID string, zeroed, skipped uint64)
 }
 
 // ControllerService implements the CSI controller service: provisioning
@@ -82,6 +100,9 @@ func NewControllerService(opts ControllerOptions, st store.Store, disc Discovere
 	}
 	if opts.ScanTimeout <= 0 {
 		opts.ScanTimeout = 30 * time.Second
+	}
+	if opts.WipeBudget <= 0 {
+		opts.WipeBudget = time.Minute
 	}
 	return &ControllerService{opts: opts, store: st, disc: disc, volumes: newInflight(),
 		scanned: map[string]time.Time{}, scanLock: map[string]*sync.Mutex{}, servers: map[string]knownServer{},
@@ -198,7 +219,8 @@ func (s *ControllerService) ensureInventory(ctx context.Context, p *poolParams, 
 // unavailable marks connection-level failures to a server as Unavailable.
 func unavailable(err error) error {
 	var oe *nbd.OptionError
-	if errors.As(err, &oe) || errors.Is(err, nbd.ErrBadURI) || errors.Is(err, nbd.ErrTLSRequired) || errors.Is(err, nbd.ErrTLSUnavailable) {
+	if errors.As(err, &oe) || errors.Is(err, nbd.ErrBadURI) || errors.Is(err, nbd.ErrBadArgument) ||
+		errors.Is(err, nbd.ErrTLSRequired) || errors.Is(err, nbd.ErrTLSUnavailable) || errors.Is(err, nbd.ErrInventoryLimit) {
 		return err
 	}
 	return status.Error(codes.Unavailable, err.Error())
@@ -229,6 +251,38 @@ func checkCapabilities(caps []*csi.VolumeCapability) error {
 	return nil
 }
 
+// checkMkfsForCapabilities validates the StorageClass's mkfsOptions for
+// every filesystem the capabilities ask for; block-only volumes never run
+// mkfs, so the options must suit ext4 or xfs.
+func checkMkfsForCapabilities(raw string, caps []*csi.VolumeCapability) error {
+	opts := strings.Fields(raw)
+	if len(opts) == 0 {
+		return nil
+	}
+	mounted := false
+	for _, vc := range caps {
+		if m := vc.GetMount(); m != nil {
+			mounted = true
+			fs := m.GetFsType()
+			if fs == "" {
+				fs = DefaultFSType
+			}
+			if err := CheckMkfsOptions(fs, opts); err != nil {
+				return err
+			}
+		}
+	}
+	if mounted {
+		return nil
+	}
+	if err := CheckMkfsOptions(FSExt4, opts); err != nil {
+		if xerr := CheckMkfsOptions(FSXFS, opts); xerr != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // CreateVolume claims the smallest available export of the StorageClass's
 // server that fits the request. Retries with the same name return the same
 // export.
@@ -248,6 +302,9 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	}
 	p, err := parsePoolParams(req.GetParameters())
 	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if err := checkMkfsForCapabilities(p.nodeContext[KeyMkfsOptions], req.GetVolumeCapabilities()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	tls, err := tlsFromSecrets(req.GetSecrets())
@@ -271,7 +328,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	writer := writable(req.GetVolumeCapabilities())
 	e, err := s.store.Claim(store.ClaimRequest{
 		VolumeName: name, VolumeID: volumeID(name), Server: p.id, MinSize: uint64(required),
-		VolumeContext: p.volumeContext, Wipe: p.wipe,
+		VolumeContext: p.volumeContext, Wipe: p.wipe, KeepData: !p.wipe,
 		Fits: func(e *store.Export) bool {
 			if ok, _ := path.Match(p.filter, e.Name); !ok {
 				return false
@@ -328,8 +385,15 @@ func checkAccessibility(req *csi.TopologyRequirement) error {
 		TopologyKeyCapable, TopologyCapable, requisite)
 }
 
-// DeleteVolume wipes the export when the StorageClass asked for it, then
-// releases it. Unknown and static volumes succeed (nothing to release).
+// DeleteVolume wipes the export unless the StorageClass opted out
+// (wipeOnDelete: "false"), then releases it. Unknown and static volumes
+// succeed (nothing to release).
+//
+// The export stays Bound to the volume until its wipe has finished, so no
+// claim can get it earlier, also when the controller restarts mid-wipe. A
+// wipe runs for at most WipeBudget per call and records its progress in the
+// store; when it needs longer, DeleteVolume returns Aborted and the retry
+// continues from the recorded offset.
 func (s *ControllerService) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
@@ -349,27 +413,17 @@ func (s *ControllerService) DeleteVolume(ctx context.Context, req *csi.DeleteVol
 	if holders, err := s.store.Holders(id); err == nil && len(holders) > 0 {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still published to node %s", id, holders[0].NodeID)
 	}
-	if e.Wipe {
-		u, err := nbd.ParseURI(e.VolumeContext[KeyURI])
-		if err != nil {
-			return nil, status.Errorf(codes.Internal, "recorded URI: %v", err)
-		}
-		tls, err := tlsFromSecrets(req.GetSecrets())
-		if err != nil {
-			return nil, status.Error(codes.InvalidArgument, err.Error())
-		}
-		start := time.Now()
-		if err := s.disc.Wipe(ctx, u, tls); err != nil {
-			// Keep the claim: the next retry wipes again; the data must
-			// never reach another tenant.
-			return nil, statusError("wipe export "+e.Name, unavailable(err))
-		}
-		logger(ctx).Info("Wiped", "export", e.Name, "bytes", e.Size, "duration", time.Since(start))
+	if e.KeepData {
+		logger(ctx).Info("Releasing without a wipe: the StorageClass set wipeOnDelete to false", "volume", id, "export", e.Name, "server", e.Server)
+	} else if err := s.wipe(ctx, req, e); err != nil {
+		// Keep the claim: the next retry continues the wipe; the data
+		// must never reach another tenant.
+		return nil, err
 	}
 	if _, err := s.store.Release(id); err != nil {
 		return nil, status.Errorf(codes.Internal, "release: %v", err)
 	}
-	logger(ctx).Info("Released", "export", e.Name, "server", e.Server)
+	logger(ctx).Info("Released", "volume", id, "export", e.Name, "server", e.Server)
 	return &csi.DeleteVolumeResponse{}, nil
 }
 
@@ -508,6 +562,55 @@ func (s *ControllerService) staticExportIdentity(ctx context.Context, vc map[str
 		return nbd.JoinExportKey(known, p.URI.Export), nil
 	}
 	return key, nil
+}
+
+// wipe zeroes a deleted volume's export within the wipe budget, from where
+// an earlier attempt stopped. It returns nil only when the whole export
+// reads as zeroes.
+func (s *ControllerService) wipe(ctx context.Context, req *csi.DeleteVolumeRequest, e *store.Export) error {
+	id := e.VolumeID
+	u, err := nbd.ParseURI(e.VolumeContext[KeyURI])
+	if err != nil {
+		return status.Errorf(codes.Internal, "recorded URI of volume %s: %v", id, err)
+	}
+	tls, err := tlsFromSecrets(req.GetSecrets())
+	if err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	budget := s.opts.WipeBudget
+	if dl, ok := ctx.Deadline(); ok {
+		budget = min(budget, time.Until(dl)*3/4)
+	}
+	log := logger(ctx).WithValues("volume", id, "export", e.Name, "server", e.Server)
+	if e.WipedTo > 0 {
+		log.Info("Continuing wipe", "wipedTo", e.WipedTo, "bytes", e.Size)
+	}
+	start := time.Now()
+	res, err := s.disc.Wipe(ctx, u, tls, nbd.WipeOptions{From: e.WipedTo, Until: start.Add(budget),
+		Checkpoint: func(next uint64) error {
+			if s.opts.Wipes != nil {
+				s.opts.Wipes.WipeProgress(id, next, e.Size)
+			}
+			return s.store.WipeProgress(id, next)
+		}})
+	if err != nil {
+		log.Error(err, "Wipe failed; the export stays claimed and DeleteVolume continues from the last checkpoint", "wipedTo", res.Next)
+		if errors.Is(err, nbd.ErrUnknownExport) {
+			// Not NotFound: the volume exists, its export is away.
+			return status.Errorf(codes.FailedPrecondition, "wipe export %s: the server no longer has it; the claim is kept until it returns and is wiped: %v", e.Name, err)
+		}
+		return statusError("wipe export "+e.Name, unavailable(err))
+	}
+	if !res.Done() {
+		log.Info("Wipe in progress", "wipedTo", res.Next, "bytes", res.Size, "zeroed", res.Zeroed, "skipped", res.Skipped, "duration", time.Since(start))
+		return status.Errorf(codes.Aborted, "wipe of export %s in progress: %d of %d bytes read as zeroes; a retried DeleteVolume continues from there", e.Name, res.Next, res.Size)
+	}
+	if s.opts.Wipes != nil {
+		s.opts.Wipes.WipeDone(id, res.Zeroed, res.Skipped)
+	}
+	log.Info("Wiped", "bytes", res.Size, "zeroed", res.Zeroed, "skipped", res.Skipped, "method", res.Method,
+		"allocationAware", res.AllocationAware, "duration", time.Since(start))
+	return nil
 }
 
 // isDynamic reports whether the controller made the volume ID.

@@ -20,8 +20,9 @@ type Discoverer interface {
 	Discover(ctx context.Context, server *nbd.URI, tls *nbd.TLSOptions) ([]store.Export, error)
 	// Probe describes one export.
 	Probe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions) (*nbd.ExportInfo, error)
-	// Wipe makes the whole export read as zeroes.
-	Wipe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions) error
+	// Wipe makes the export read as zeroes from opts.From on, stopping
+	// early at opts.Until (nbd.Conn.Wipe).
+	Wipe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions, opts nbd.WipeOptions) (nbd.WipeResult, error)
 }
 
 // NBDDiscoverer implements Discoverer with pkg/nbd.
@@ -106,58 +107,14 @@ func (d NBDDiscoverer) Probe(ctx context.Context, export *nbd.URI, tls *nbd.TLSO
 	return nbd.Probe(ctx, export, append(tlsOption(tls), nbd.WithProfile(nbd.ProfileUserspace))...)
 }
 
-// wipeChunk is the size of one WRITE_ZEROES or write request.
-const wipeChunk = 16 << 20
-
-// Wipe zeroes the export: NBD_CMD_WRITE_ZEROES when the export supports it
-// (servers usually punch holes, which read back as zeroes), else plain
-// writes of zeroes. TRIM alone is not used: it leaves the content
-// undefined. A final FLUSH makes it durable.
-func (d NBDDiscoverer) Wipe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions) error {
+// Wipe zeroes the export from opts.From on (nbd.Conn.Wipe): only what
+// base:allocation says may hold data, with WRITE_ZEROES where the export has
+// it, else writes of zeroes; a FLUSH makes each checkpoint durable.
+func (d NBDDiscoverer) Wipe(ctx context.Context, export *nbd.URI, tls *nbd.TLSOptions, opts nbd.WipeOptions) (nbd.WipeResult, error) {
 	c, err := nbd.Dial(ctx, export, append(tlsOption(tls), nbd.WithProfile(nbd.ProfileUserspace))...)
 	if err != nil {
-		return err
+		return nbd.WipeResult{Next: opts.From}, err
 	}
 	defer c.Close()
-	info := c.Export()
-	if info.ReadOnly() {
-		return fmt.Errorf("%w: export %q is read-only and cannot be wiped", nbd.ErrNotSupportedByExport, export.Export)
-	}
-	chunk := uint64(wipeChunk)
-	zeroes := info.Flags.Has(nbd.FlagSendWriteZeroes)
-	if !zeroes {
-		chunk = min(chunk, uint64(maxWrite(&info)))
-	}
-	var buf []byte
-	if !zeroes {
-		buf = make([]byte, chunk)
-	}
-	for off := uint64(0); off < info.Size; off += chunk {
-		n := min(chunk, info.Size-off)
-		if zeroes {
-			err = c.WriteZeroes(ctx, off, uint32(n), 0)
-		} else {
-			err = c.WriteAt(ctx, buf[:n], off, 0)
-		}
-		if err != nil {
-			return fmt.Errorf("wipe at offset %d: %w", off, err)
-		}
-	}
-	if info.Flags.Has(nbd.FlagSendFlush) {
-		return c.Flush(ctx)
-	}
-	return nil
-}
-
-// maxWrite is the largest WRITE the export takes, a multiple of its
-// minimum block size.
-func maxWrite(info *nbd.ExportInfo) uint32 {
-	m := uint32(wipeChunk)
-	if info.BlockSizesAdvertised && info.BlockSizes.Maximum < m {
-		m = info.BlockSizes.Maximum
-		if mb := info.BlockSizes.Minimum; mb > 1 {
-			m -= m % mb
-		}
-	}
-	return m
+	return c.Wipe(ctx, opts)
 }

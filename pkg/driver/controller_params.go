@@ -21,8 +21,9 @@ const (
 	// ParamExportFilter is a glob (path.Match syntax) on export names;
 	// default "*".
 	ParamExportFilter = "exportFilter"
-	// ParamWipeOnDelete ("true"/"false", default false) zeroes the export
+	// ParamWipeOnDelete ("true"/"false", default true) zeroes the export
 	// before it is released, so one tenant's data never reaches the next.
+	// "false" is an explicit opt-out: the next claim gets the data.
 	ParamWipeOnDelete = "wipeOnDelete"
 )
 
@@ -41,7 +42,7 @@ type poolParams struct {
 // parsePoolParams validates CreateVolume / GetCapacity parameters. Keys
 // containing "/" belong to Kubernetes sidecars and are ignored.
 func parsePoolParams(params map[string]string) (*poolParams, error) {
-	p := &poolParams{filter: "*", nodeContext: map[string]string{}}
+	p := &poolParams{filter: "*", wipe: true, nodeContext: map[string]string{}}
 	for k, v := range params {
 		switch {
 		case strings.Contains(k, "/"):

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,12 +22,21 @@ import (
 	"github.com/nbd-csi/nbd-csi/pkg/store"
 )
 
-// fakeDiscoverer serves a fixed inventory and records wipes.
+// fakeDiscoverer serves a fixed inventory and records wipes. Like the real
+// one it refuses to wipe a read-only or unknown export, resumes from
+// opts.From, stops at opts.Until, and checkpoints its progress; wipeStep
+// bytes are zeroed per call (0: all), modelling a wipe longer than one
+// DeleteVolume's budget.
 type fakeDiscoverer struct {
 	mu      sync.Mutex
 	exports []store.Export
 	err     error
-	wiped   []string
+	// wiped lists the exports whose wipe finished; wipeFrom the offset
+	// every Wipe call started at.
+	wiped    []string
+	wipeFrom []uint64
+	wipeStep uint64
+	wipeErr  error
 	// tlsOnly refuses probes without TLS material, like a TLS-only server;
 	// probesWithTLS counts the probes that had it.
 	tlsOnly       bool
@@ -55,11 +65,44 @@ func (f *fakeDiscoverer) Probe(_ context.Context, u *nbd.URI, tls *nbd.TLSOption
 	return nil, nbd.ErrUnknownExport
 }
 
-func (f *fakeDiscoverer) Wipe(_ context.Context, u *nbd.URI, _ *nbd.TLSOptions) error {
+func (f *fakeDiscoverer) Wipe(_ context.Context, u *nbd.URI, _ *nbd.TLSOptions, opts nbd.WipeOptions) (nbd.WipeResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.wiped = append(f.wiped, u.Export)
-	return nil
+	res := nbd.WipeResult{Next: opts.From}
+	var e *store.Export
+	for i := range f.exports {
+		if f.exports[i].Name == u.Export {
+			e = &f.exports[i]
+		}
+	}
+	switch {
+	case e == nil:
+		return res, fmt.Errorf("%w: %q", nbd.ErrUnknownExport, u.Export)
+	case e.ReadOnly:
+		return res, fmt.Errorf("%w: export %q is read-only", nbd.ErrNotSupportedByExport, u.Export)
+	case f.wipeErr != nil:
+		return res, f.wipeErr
+	}
+	f.wipeFrom = append(f.wipeFrom, opts.From)
+	res.Size = e.Size
+	step := f.wipeStep
+	if step == 0 {
+		step = e.Size
+	}
+	if !opts.Until.IsZero() && !time.Now().Before(opts.Until) {
+		return res, nil
+	}
+	res.Next = min(opts.From+step, e.Size)
+	res.Zeroed = res.Next - opts.From
+	if opts.Checkpoint != nil {
+		if err := opts.Checkpoint(res.Next); err != nil {
+			return res, err
+		}
+	}
+	if res.Done() {
+		f.wiped = append(f.wiped, u.Export)
+	}
+	return res, nil
 }
 
 const server = "nbd://pool.example"
@@ -104,6 +147,8 @@ func TestControllerCreateValidation(t *testing.T) {
 		{"bad glob", createReq("x", 1, map[string]string{"exportFilter": "["}), codes.InvalidArgument},
 		{"bad wipe", createReq("x", 1, map[string]string{"wipeOnDelete": "maybe"}), codes.InvalidArgument},
 		{"bad node key", createReq("x", 1, map[string]string{"connections": "99"}), codes.InvalidArgument},
+		{"mkfs copies a host directory", createReq("x", 1, map[string]string{"mkfsOptions": "-d /etc"}), codes.InvalidArgument},
+		{"mkfs journal device", createReq("x", 1, map[string]string{"mkfsOptions": "-J device=/dev/sda"}), codes.InvalidArgument},
 		{"sidecar keys ignored (then no export is left)", createReq("y", 1, map[string]string{"csi.storage.k8s.io/pvc/name": "p"}), codes.ResourceExhausted},
 		{"no capabilities", &csi.CreateVolumeRequest{Name: "x", Parameters: map[string]string{"server": server}}, codes.InvalidArgument},
 		{"multi writer", &csi.CreateVolumeRequest{Name: "x", Parameters: map[string]string{"server": server},
@@ -303,31 +348,155 @@ func TestControllerRestart(t *testing.T) {
 	}
 }
 
-// TestControllerWipeNbdkit wipes a real nbdkit export (file plugin) and
-// checks the backing file reads as zeroes.
+// TestControllerWipeNbdkit: by default DeleteVolume wipes the export of a
+// real nbdkit (file plugin, with and without WRITE_ZEROES), so the next
+// claim of the export reads zeroes; wipeOnDelete "false" is the explicit
+// opt-out that keeps the data.
 func TestControllerWipeNbdkit(t *testing.T) {
-	file := filepath.Join(t.TempDir(), "disk")
-	data := bytes.Repeat([]byte("tenant-data!"), (8<<20)/12+1)[:8<<20]
-	if err := os.WriteFile(file, data, 0o600); err != nil {
+	data := bytes.Repeat([]byte("tenant-data!"), (1<<20)/12+1)[:1<<20]
+	for _, tt := range []struct {
+		name   string
+		filter []string
+		params map[string]string
+		wiped  bool
+	}{
+		{"default", nil, nil, true},
+		{"default-nozero", []string{"--filter=nozero"}, nil, true},
+		{"opt-out", nil, map[string]string{"wipeOnDelete": "false"}, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			file := filepath.Join(dir, "disk")
+			f, err := os.Create(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Truncate(64 << 20); err != nil {
+				t.Fatal(err)
+			}
+			for _, off := range []int64{0, 40 << 20} {
+				if _, err := f.WriteAt(data, off); err != nil {
+					t.Fatal(err)
+				}
+			}
+			f.Close()
+			srv := servers.Nbdkit(t, servers.Unix, append(tt.filter, "file", "dir="+dir)...)
+			st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			c := driver.NewControllerService(driver.ControllerOptions{}, st, driver.NBDDiscoverer{})
+			ctx := context.Background()
+			params := map[string]string{"server": srv.URI("")}
+			for k, v := range tt.params {
+				params[k] = v
+			}
+			req := createReq("pvc", 1<<20, nil)
+			req.Parameters = params
+			v, err := c.CreateVolume(ctx, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); err != nil {
+				t.Fatalf("DeleteVolume: %v", err)
+			}
+			got, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			zero := bytes.Equal(got, make([]byte, len(got)))
+			if zero != tt.wiped {
+				t.Errorf("after DeleteVolume the export reads zeroes: %v, want %v", zero, tt.wiped)
+			}
+			all, _ := st.Exports()
+			if len(all) != 1 || all[0].Phase != store.PhaseAvailable || all[0].WipedTo != 0 {
+				t.Errorf("inventory after delete: %+v, want the export Available", all)
+			}
+		})
+	}
+}
+
+// TestControllerWipeResumes: a wipe longer than one DeleteVolume's budget
+// returns Aborted, keeps the export Bound (never Available before the wipe
+// finished, also across a controller restart) and continues from the
+// recorded offset.
+func TestControllerWipeResumes(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	st, err := store.OpenBolt(path)
+	if err != nil {
 		t.Fatal(err)
 	}
-	for _, args := range [][]string{{"file", "file=" + file}, {"--filter=nozero", "file", "file=" + file}} {
-		if err := os.WriteFile(file, data, 0o600); err != nil {
-			t.Fatal(err)
+	d := &fakeDiscoverer{exports: []store.Export{{Name: "a", Size: 3 << 30, Flags: 1}}, wipeStep: 1 << 30}
+	c := driver.NewControllerService(driver.ControllerOptions{}, st, d)
+	ctx := context.Background()
+	v, err := c.CreateVolume(ctx, createReq("pvc", 1, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	del := &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}
+	bound := func(st store.Store, wipedTo uint64) {
+		t.Helper()
+		all, err := st.Exports()
+		if err != nil || len(all) != 1 || all[0].Phase != store.PhaseBound || all[0].WipedTo != wipedTo {
+			t.Fatalf("inventory mid-wipe: %+v, %v; want Bound with WipedTo %d", all, err, wipedTo)
 		}
-		srv := servers.Nbdkit(t, servers.Unix, args...)
-		u, _ := nbd.ParseURI(srv.URI(""))
-		if err := (driver.NBDDiscoverer{}).Wipe(context.Background(), u, nil); err != nil {
-			t.Fatalf("%v: wipe: %v", args, err)
-		}
-		got, err := os.ReadFile(file)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, make([]byte, len(data))) {
-			t.Errorf("%v: export not zeroed", args)
-		}
-		srv.Stop()
+	}
+	if _, err := c.DeleteVolume(ctx, del); code(err) != codes.Aborted {
+		t.Fatalf("first DeleteVolume of a 3 GiB wipe at 1 GiB per call: %v, want Aborted", err)
+	}
+	// The export is not free for another claim.
+	if _, err := c.CreateVolume(ctx, createReq("pvc-2", 1, nil)); code(err) != codes.ResourceExhausted {
+		t.Fatalf("claim during the wipe: %v, want ResourceExhausted", err)
+	}
+	// A restart mid-wipe: a new controller on the same store.
+	bound(st, 1<<30)
+	st.Close()
+	st2, err := store.OpenBolt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st2.Close()
+	bound(st2, 1<<30)
+	c = driver.NewControllerService(driver.ControllerOptions{}, st2, d)
+	if _, err := c.DeleteVolume(ctx, del); code(err) != codes.Aborted {
+		t.Fatalf("second DeleteVolume: %v, want Aborted", err)
+	}
+	bound(st2, 2<<30)
+	if _, err := c.DeleteVolume(ctx, del); err != nil {
+		t.Fatalf("third DeleteVolume: %v", err)
+	}
+	if diff := fmt.Sprint(d.wipeFrom); diff != fmt.Sprint([]uint64{0, 1 << 30, 2 << 30}) {
+		t.Errorf("wipes started at %s, want [0 1 GiB 2 GiB]: each retry continues", diff)
+	}
+	if _, err := c.CreateVolume(ctx, createReq("pvc-2", 1, nil)); err != nil {
+		t.Fatalf("claim after the wipe finished: %v", err)
+	}
+}
+
+// TestControllerWipeFailureKeepsClaim: a wipe that fails (read-only export,
+// server error) keeps the export claimed; a read-only export is never
+// released with its data.
+func TestControllerWipeFailureKeepsClaim(t *testing.T) {
+	c, d, _ := newController(t, store.Export{Name: "a", Size: 1 << 30, Flags: 1})
+	ctx := context.Background()
+	v, err := c.CreateVolume(ctx, createReq("pvc", 1, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.wipeErr = fmt.Errorf("write zeroes: %w", syscall.ECONNRESET)
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); code(err) != codes.Unavailable {
+		t.Fatalf("DeleteVolume with a failing wipe: %v, want Unavailable", err)
+	}
+	if _, err := c.CreateVolume(ctx, createReq("pvc-2", 1, nil)); code(err) != codes.ResourceExhausted {
+		t.Fatalf("claim after a failed wipe: %v, want ResourceExhausted (the export stays claimed)", err)
+	}
+	// The export vanished from its server: not NotFound (the volume
+	// exists), and the claim stays.
+	d.wipeErr = nil
+	d.exports = nil
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); code(err) != codes.FailedPrecondition {
+		t.Fatalf("DeleteVolume of a volume whose export is gone: %v, want FailedPrecondition", err)
 	}
 }
 
@@ -376,7 +545,11 @@ func TestControllerTLSServerProbes(t *testing.T) {
 	c, d, _ := newController(t, store.Export{Name: "a", Size: 4 << 30})
 	d.tlsOnly = true
 	ctx := context.Background()
-	secrets := map[string]string{"ca.crt": "-----BEGIN CERTIFICATE-----\n"}
+	ca, err := os.ReadFile(servers.GenerateCerts(t).CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := map[string]string{"ca.crt": string(ca)}
 	req := createReq("pvc-tls", 1<<30, nil)
 	req.Secrets = secrets
 	v, err := c.CreateVolume(ctx, req)
@@ -398,5 +571,29 @@ func TestControllerTLSServerProbes(t *testing.T) {
 	h, err := c.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: v.Volume.VolumeId})
 	if err != nil || len(h.VolumeHealth.HealthStatuses) != 0 || d.probesWithTLS != before+2 {
 		t.Errorf("health = %v, %v (TLS probes %d)", h, err, d.probesWithTLS-before)
+	}
+}
+
+// TestControllerBadTLSSecret: unparsable PEM in the provisioner secret is
+// the caller's error (InvalidArgument), not an unreachable server
+// (Unavailable, which the provisioner retries forever).
+func TestControllerBadTLSSecret(t *testing.T) {
+	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c := driver.NewControllerService(driver.ControllerOptions{}, st, driver.NBDDiscoverer{})
+	for name, sec := range map[string]map[string]string{
+		"ca":       {"ca.crt": "not a PEM"},
+		"key pair": {"tls.crt": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "tls.key": "junk"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			req := createReq("pvc", 1, map[string]string{"server": "nbds://127.0.0.1:1"})
+			req.Secrets = sec
+			if _, err := c.CreateVolume(context.Background(), req); code(err) != codes.InvalidArgument {
+				t.Errorf("CreateVolume with %v: %v, want InvalidArgument", sec, err)
+			}
+		})
 	}
 }

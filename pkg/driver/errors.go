@@ -38,6 +38,10 @@ func classify(err error) codes.Code {
 		return codes.InvalidArgument
 	case errors.Is(err, nbd.ErrUnknownExport):
 		return codes.NotFound
+	case errors.Is(err, nbd.ErrInventoryLimit):
+		// The server answers more than the client's budget: an admin
+		// must act (split the pool, raise the limit); retrying is futile.
+		return codes.FailedPrecondition
 	case errors.Is(err, nbd.ErrTLSRequired), errors.Is(err, nbd.ErrTLSUnavailable),
 		errors.Is(err, nbd.ErrPolicy), errors.Is(err, nbd.ErrBlockSizeRequired),
 		errors.Is(err, nbd.ErrNotSupportedByExport), errors.Is(err, nbd.ErrPlatform):

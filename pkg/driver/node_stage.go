@@ -4,6 +4,8 @@ package driver
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"maps"
@@ -37,6 +39,11 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	params, err := ParseVolumeContext(req.GetVolumeContext())
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if !c.block {
+		if err := CheckMkfsOptions(c.fsType, params.MkfsOptions); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
 	}
 	tlsOpts, err := tlsFromSecrets(req.GetSecrets())
 	if err != nil {
@@ -133,6 +140,10 @@ func (s *NodeService) mountStaging(ctx context.Context, device string, rec *Volu
 	if rec.FSType == FSXFS {
 		// A filesystem cloned from another volume would collide by UUID.
 		opts = append(opts, "nouuid")
+	}
+	// The last guard before mkfs runs as root: whatever path led here.
+	if err := CheckMkfsOptions(rec.FSType, mkfsOptions); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	logger(ctx).V(2).Info("Formatting if needed and mounting", "device", device, "fsType", rec.FSType, "stagingPath", staging)
 	if err := s.mounter.FormatAndMount(device, staging, rec.FSType, opts, mkfsOptions); err != nil {
@@ -283,12 +294,21 @@ func tlsFromSecrets(sec map[string]string) (*nbd.TLSOptions, error) {
 	if (cert == "") != (key == "") {
 		return nil, fmt.Errorf("TLS secret: %q and %q must be given together", SecretCert, SecretKey)
 	}
+	// Parse the material here, so that a bad secret is the caller's error
+	// (InvalidArgument) and not mistaken for an unreachable server.
 	o := &nbd.TLSOptions{}
 	if ca != "" {
 		o.CAPEM = []byte(ca)
+		if !x509.NewCertPool().AppendCertsFromPEM(o.CAPEM) {
+			return nil, fmt.Errorf("TLS secret: %q holds no PEM certificate", SecretCA)
+		}
 	}
 	if cert != "" {
 		o.CertPEM, o.KeyPEM = []byte(cert), []byte(key)
+		if _, err := tls.X509KeyPair(o.CertPEM, o.KeyPEM); err != nil {
+			// crypto/tls errors do not include key material.
+			return nil, fmt.Errorf("TLS secret: %q and %q are not a valid PEM certificate and key: %v", SecretCert, SecretKey, err)
+		}
 	}
 	return o, nil
 }

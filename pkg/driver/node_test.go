@@ -120,6 +120,14 @@ func TestNodeStageValidation(t *testing.T) {
 		{"block size odd", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["blockSize"] = "600" }, codes.InvalidArgument},
 		{"cert without key", func(r *csi.NodeStageVolumeRequest) { r.Secrets = map[string]string{"tls.crt": "x"} }, codes.InvalidArgument},
 		{"export missing", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["uri"] = "nbd://server/gone" }, codes.NotFound},
+		// mkfs runs as root: options that read host files are refused.
+		{"mkfs copies a host directory", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["mkfsOptions"] = "-d /etc" }, codes.InvalidArgument},
+		{"mkfs bad blocks file", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["mkfsOptions"] = "-l /etc/shadow" }, codes.InvalidArgument},
+		{"mkfs xfs protofile", func(r *csi.NodeStageVolumeRequest) {
+			r.VolumeCapability = mountCap("xfs", rwo)
+			r.VolumeContext["mkfsOptions"] = "-p /etc/proto"
+		}, codes.InvalidArgument},
+		{"mkfs bare device", func(r *csi.NodeStageVolumeRequest) { r.VolumeContext["mkfsOptions"] = "/dev/sda" }, codes.InvalidArgument},
 	}
 	e.att.AttachErr["gone"] = nbd.ErrUnknownExport
 	for i, tt := range tests {

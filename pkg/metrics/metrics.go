@@ -30,6 +30,10 @@ type Registry struct {
 	calls    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	events   *prometheus.CounterVec
+	// wipeRemaining is the bytes a wipe in progress has left, per volume;
+	// wipeBytes counts finished wipes' bytes zeroed and skipped.
+	wipeRemaining *prometheus.GaugeVec
+	wipeBytes     *prometheus.CounterVec
 }
 
 // New returns a registry with the CSI call and connection event series and
@@ -44,8 +48,12 @@ func New() *Registry {
 			Buckets: []float64{0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"method"}),
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "node_connection_events_total",
 			Help: "Events of the node's NBD connection supervision (link-dead, reconnected, redial-failed, gave-up, ...)."}, []string{"event"}),
+		wipeRemaining: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "controller_wipe_remaining_bytes",
+			Help: "Bytes a wipe in progress still has to cover, by volume (the series goes when the wipe finishes)."}, []string{"volume"}),
+		wipeBytes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "controller_wipe_bytes_total",
+			Help: "Bytes of finished wipes: zeroed by requests, or skipped because base:allocation said they read as zeroes."}, []string{"kind"}),
 	}
-	r.reg.MustRegister(r.calls, r.duration, r.events,
+	r.reg.MustRegister(r.calls, r.duration, r.events, r.wipeRemaining, r.wipeBytes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return r
 }
@@ -64,6 +72,19 @@ func (r *Registry) Interceptor() grpc.UnaryServerInterceptor {
 
 // ConnectionEvent counts one supervision event of kind (e.g. "link-dead").
 func (r *Registry) ConnectionEvent(kind string) { r.events.WithLabelValues(kind).Inc() }
+
+// WipeProgress records that a volume's export reads as zeroes below wiped
+// of size bytes.
+func (r *Registry) WipeProgress(volumeID string, wiped, size uint64) {
+	r.wipeRemaining.WithLabelValues(volumeID).Set(float64(size - min(wiped, size)))
+}
+
+// WipeDone records a finished wipe and drops its progress series.
+func (r *Registry) WipeDone(volumeID string, zeroed, skipped uint64) {
+	r.wipeRemaining.DeleteLabelValues(volumeID)
+	r.wipeBytes.WithLabelValues("zeroed").Add(float64(zeroed))
+	r.wipeBytes.WithLabelValues("skipped").Add(float64(skipped))
+}
 
 // Gauges registers a gauge family whose values fn computes at scrape time,
 // one series per key of the map fn returns (the label's value). fn gets a

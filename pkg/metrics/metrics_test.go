@@ -111,3 +111,31 @@ func TestFamilyPerVolume(t *testing.T) {
 		t.Errorf("vol-b still reported after it went away:\n%s", out)
 	}
 }
+
+func TestWipeProgress(t *testing.T) {
+	r := New()
+	r.WipeProgress("nbdv-1", 1<<30, 3<<30)
+	r.WipeProgress("nbdv-2", 0, 1<<20)
+	out := scrape(t, r)
+	for _, want := range []string{
+		`nbdcsi_controller_wipe_remaining_bytes{volume="nbdv-1"} 2.147483648e+09`,
+		`nbdcsi_controller_wipe_remaining_bytes{volume="nbdv-2"} 1.048576e+06`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("scrape lacks %q:\n%s", want, out)
+		}
+	}
+	r.WipeDone("nbdv-1", 100<<20, 3<<30-100<<20)
+	out = scrape(t, r)
+	if strings.Contains(out, `volume="nbdv-1"`) {
+		t.Errorf("finished wipe still has a progress series")
+	}
+	for _, want := range []string{
+		`nbdcsi_controller_wipe_bytes_total{kind="zeroed"} 1.048576e+08`,
+		`nbdcsi_controller_wipe_bytes_total{kind="skipped"} 3.116367872e+09`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("scrape lacks %q", want)
+		}
+	}
+}

@@ -132,7 +132,7 @@ func withSession(ctx context.Context, u *URI, cfg *config, fn func(*session, *Ex
 	if tc, ok := raw.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
-	s := &session{stream: raw, raw: raw}
+	s := &session{stream: raw, raw: raw, server: u.WithExport("").String(), limits: cfg.limits}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = raw.SetDeadline(dl)
 	}

@@ -57,7 +57,32 @@ var (
 	// export's transmission flags do not allow (e.g. a write to a read-only
 	// export, TRIM without NBD_FLAG_SEND_TRIM).
 	ErrNotSupportedByExport = errors.New("not supported by export")
+	// ErrInventoryLimit means a server's answer exceeds a budget the client
+	// keeps (exports listed, bytes of names and descriptions, information
+	// replies per export); a *LimitError says which.
+	ErrInventoryLimit = errors.New("server exceeds the client's inventory budget")
 )
+
+// LimitError names the server and the budget it exceeded. It is returned
+// before anything past the budget is allocated.
+type LimitError struct {
+	// Server is the server's URI (without an export).
+	Server string
+	// What is the answer that exceeded it, e.g. "NBD_OPT_LIST".
+	What string
+	// Limit is the budget, counted in Unit ("exports", "bytes", …).
+	Limit uint64
+	Unit  string
+}
+
+// Error implements error. Dial, Probe and List prefix it with the server's
+// URI.
+func (e *LimitError) Error() string {
+	return fmt.Sprintf("%s exceeds the client's limit of %d %s", e.What, e.Limit, e.Unit)
+}
+
+// Unwrap returns ErrInventoryLimit.
+func (e *LimitError) Unwrap() error { return ErrInventoryLimit }
 
 // OptionError is the server's refusal of a handshake option. It carries the
 // server's message verbatim and matches the sentinel for its reply type with

@@ -33,6 +33,9 @@ type session struct {
 	clean        bool
 	structured   bool
 	metaContexts map[string]uint32
+	// server names the server in budget errors; limits are the budgets.
+	server string
+	limits ListLimits
 }
 
 // greet reads the server greeting and, for newstyle servers, answers with
@@ -229,10 +232,13 @@ func (s *session) negotiateInfo(opt uint32, name string, info *ExportInfo) error
 	}
 	haveExport := false
 	seen := map[uint16]bool{}
-	for {
+	for n := 0; ; n++ {
 		r, err := s.readReply(opt)
 		if err != nil {
 			return err
+		}
+		if r.typ == nbdproto.RepInfo && n >= maxInfoReplies {
+			return &LimitError{Server: s.server, What: fmt.Sprintf("%s for %q", OptionName(opt), name), Limit: maxInfoReplies, Unit: "NBD_REP_INFO replies"}
 		}
 		switch r.typ {
 		case nbdproto.RepAck:
@@ -359,12 +365,17 @@ func (s *session) exportName(name string, info *ExportInfo) error {
 	return nil
 }
 
-// list runs NBD_OPT_LIST.
+// list runs NBD_OPT_LIST, within the session's budget.
 func (s *session) list() ([]ListEntry, error) {
 	if err := s.sendOption(nbdproto.OptList, nil); err != nil {
 		return nil, err
 	}
 	var out []ListEntry
+	total := 0
+	lim := s.limits
+	if lim.Exports <= 0 || lim.Bytes <= 0 {
+		lim = DefaultListLimits
+	}
 	for {
 		r, err := s.readReply(nbdproto.OptList)
 		if err != nil {
@@ -378,8 +389,12 @@ func (s *session) list() ([]ListEntry, error) {
 			if err != nil {
 				return nil, err
 			}
-			if len(out) >= maxListEntries {
-				return nil, protocolErrorf("server lists more than %d exports", maxListEntries)
+			if len(out) >= lim.Exports {
+				return nil, &LimitError{Server: s.server, What: "NBD_OPT_LIST", Limit: uint64(lim.Exports), Unit: "exports"}
+			}
+			total += len(e.Name) + len(e.Description)
+			if total > lim.Bytes {
+				return nil, &LimitError{Server: s.server, What: fmt.Sprintf("NBD_OPT_LIST (names and descriptions, at export %d)", len(out)+1), Limit: uint64(lim.Bytes), Unit: "bytes"}
 			}
 			out = append(out, e)
 		default:
@@ -388,8 +403,10 @@ func (s *session) list() ([]ListEntry, error) {
 	}
 }
 
-// maxListEntries bounds the memory a listing may take.
-const maxListEntries = 1 << 16
+// maxInfoReplies bounds the NBD_REP_INFO replies to one NBD_OPT_INFO or
+// NBD_OPT_GO. The client asks for three types and the server adds
+// NBD_INFO_EXPORT; unknown types are allowed (and ignored) up to this count.
+const maxInfoReplies = 32
 
 func decodeServer(b []byte) (ListEntry, error) {
 	if len(b) < 4 {

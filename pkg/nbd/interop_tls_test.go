@@ -267,3 +267,37 @@ func checkReadWrite(t *testing.T, c *nbd.Conn, off uint64, n int) {
 		t.Fatalf("ReadAt returned other bytes than WriteAt wrote")
 	}
 }
+
+// TestInteropTLSParameterImpliesTLS: a TLS parameter on an nbd:// URI makes
+// TLS mandatory. Against a server that offers TLS but does not require it
+// (nbdkit --tls=on) the session is encrypted; against one without TLS the
+// connection is refused, never continued in plaintext.
+func TestInteropTLSParameterImpliesTLS(t *testing.T) {
+	certs := servers.GenerateCerts(t)
+	offers := servers.Nbdkit(t, servers.TCP, "--tls=on", "--tls-certificates="+certs.Dir, "memory", "size=1M")
+	plain := servers.Nbdkit(t, servers.TCP, "--tls=off", "memory", "size=1M")
+	for _, param := range []string{"tls-certificates=" + certs.CADir, "tls-hostname=localhost&tls-certificates=" + certs.CADir, "tls-verify-peer=0", "tls-type=x509&tls-verify-peer=0"} {
+		t.Run(param, func(t *testing.T) {
+			u, err := nbd.ParseURI(offers.URI("") + "?" + param)
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := nbd.Probe(testCtx(t), u)
+			if err != nil {
+				t.Fatalf("Probe(%s): %v", u, err)
+			}
+			if !info.TLS {
+				t.Fatalf("Probe(%s) negotiated plaintext; a TLS parameter must make TLS mandatory", u)
+			}
+			u, err = nbd.ParseURI(plain.URI("") + "?" + param)
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err = nbd.Probe(testCtx(t), u)
+			if err == nil {
+				t.Fatalf("Probe(%s) against a server without TLS succeeded (tls=%v); want a refusal", u, info.TLS)
+			}
+			t.Logf("refused: %v", err)
+		})
+	}
+}

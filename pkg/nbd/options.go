@@ -22,6 +22,7 @@ const DefaultHandshakeTimeout = 30 * time.Second
 type Option func(*config)
 
 type config struct {
+	limits           ListLimits
 	profile          Profile
 	tls              *TLSOptions
 	metaContexts     []string
@@ -33,11 +34,40 @@ func newConfig(opts []Option) *config {
 	c := &config{
 		handshakeTimeout: DefaultHandshakeTimeout,
 		metaContexts:     []string{nbdproto.MetaBaseAllocation},
+		limits:           DefaultListLimits,
 	}
 	for _, o := range opts {
 		o(c)
 	}
 	return c
+}
+
+// ListLimits is the budget for one server's NBD_OPT_LIST answer. A server
+// past it makes List fail with a *LimitError naming the server and the
+// limit, before the entry past it is kept.
+type ListLimits struct {
+	// Exports is the most exports one listing may hold.
+	Exports int
+	// Bytes is the most bytes of names plus descriptions one listing may
+	// hold.
+	Bytes int
+}
+
+// DefaultListLimits is the budget unless WithListLimits says otherwise:
+// 16,384 exports and 16 MiB of names and descriptions. A listing at the
+// limit costs the client well under 100 MB.
+var DefaultListLimits = ListLimits{Exports: 16384, Bytes: 16 << 20}
+
+// WithListLimits sets the listing budget; zero fields keep the defaults.
+func WithListLimits(l ListLimits) Option {
+	return func(c *config) {
+		if l.Exports > 0 {
+			c.limits.Exports = l.Exports
+		}
+		if l.Bytes > 0 {
+			c.limits.Bytes = l.Bytes
+		}
+	}
 }
 
 // WithProfile selects the negotiation profile (default ProfileKernel).

@@ -24,9 +24,15 @@ import (
 // The export name is the path without its leading slash, percent-decoded.
 // Query parameters understood: socket, tls-hostname, tls-verify-peer (0 or 1)
 // and tls-certificates (a directory holding ca-cert.pem and optionally
-// client-cert.pem and client-key.pem, as libnbd and qemu name them). Any other
-// parameter is an error, as are user info (TLS-PSK usernames are not
-// supported) and a host in a unix-socket URI.
+// client-cert.pem and client-key.pem, as libnbd and qemu name them), and
+// tls-type=x509. Any other parameter is an error, as are user info (TLS-PSK
+// usernames are not supported) and a host in a unix-socket URI.
+//
+// A TLS parameter asks for TLS: on an nbd or nbd+unix URI it makes TLS
+// mandatory, and the URI parses as nbds or nbds+unix. A parameter that asks
+// for TLS is never dropped into a plaintext connection, and one this client
+// does not implement (tls-psk-file, tls-priority, tls-username, …) is an
+// error rather than ignored.
 type URI struct {
 	// Scheme is one of nbd, nbds, nbd+unix, nbds+unix.
 	Scheme string
@@ -86,7 +92,11 @@ func ParseURI(s string) (*URI, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: query: %v", ErrBadURI, err)
 	}
+	tlsParam := ""
 	for key, vals := range q {
+		if strings.HasPrefix(key, "tls-") {
+			tlsParam = key
+		}
 		if len(vals) != 1 {
 			return nil, fmt.Errorf("%w: parameter %q given %d times", ErrBadURI, key, len(vals))
 		}
@@ -115,8 +125,15 @@ func ParseURI(s string) (*URI, error) {
 				return nil, fmt.Errorf("%w: tls-type=%q is not supported (only x509)", ErrBadURI, v)
 			}
 		default:
+			if strings.HasPrefix(key, "tls-") {
+				return nil, fmt.Errorf("%w: TLS parameter %q is not supported (known: tls-hostname, tls-verify-peer, tls-certificates, tls-type=x509); refusing rather than connecting without it", ErrBadURI, key)
+			}
 			return nil, fmt.Errorf("%w: unknown parameter %q (known: socket, tls-hostname, tls-verify-peer, tls-certificates, tls-type)", ErrBadURI, key)
 		}
+	}
+	if tlsParam != "" && !out.TLS() {
+		// The parameter asks for TLS; never connect without it.
+		out.Scheme = strings.Replace(out.Scheme, "nbd", "nbds", 1)
 	}
 
 	if out.IsUnix() {

@@ -29,6 +29,13 @@ func TestParseURI(t *testing.T) {
 		{"tls certificates", "nbds://h/e?tls-certificates=/etc/pki/nbd&tls-type=x509", &URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "e", TLSVerifyPeer: true, TLSCertificates: "/etc/pki/nbd"}},
 		{"unix", "nbd+unix:///e?socket=/run/nbd.sock", &URI{Scheme: "nbd+unix", Export: "e", Socket: "/run/nbd.sock", TLSVerifyPeer: true}},
 		{"unix abstract", "nbd+unix:///e?socket=%00abs", &URI{Scheme: "nbd+unix", Export: "e", Socket: "@abs", TLSVerifyPeer: true}},
+		// A TLS parameter makes TLS mandatory: never plaintext.
+		{"tls certificates imply tls", "nbd://h/e?tls-certificates=/d", &URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "e", TLSVerifyPeer: true, TLSCertificates: "/d"}},
+		{"tls hostname implies tls", "nbd://h/e?tls-hostname=srv", &URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "e", TLSVerifyPeer: true, TLSHostname: "srv"}},
+		{"tls verify peer implies tls", "nbd://h/e?tls-verify-peer=1", &URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "e", TLSVerifyPeer: true}},
+		{"tls no verify implies tls", "nbd://h/e?tls-verify-peer=0", &URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "e"}},
+		{"tls type implies tls", "nbd://h/e?tls-type=x509", &URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "e", TLSVerifyPeer: true}},
+		{"unix tls parameter implies tls", "nbd+unix:///e?socket=/s&tls-hostname=x", &URI{Scheme: "nbds+unix", Export: "e", Socket: "/s", TLSHostname: "x", TLSVerifyPeer: true}},
 		{"unix tls", "nbds+unix:///?socket=/s&tls-hostname=localhost", &URI{Scheme: "nbds+unix", Socket: "/s", TLSHostname: "localhost", TLSVerifyPeer: true}},
 	}
 	for _, tt := range tests {
@@ -70,6 +77,10 @@ func TestParseURI(t *testing.T) {
 		{"fragment", "nbd://h/e#x", "fragment"},
 		{"verify peer garbage", "nbds://h/e?tls-verify-peer=maybe", "tls-verify-peer"},
 		{"psk", "nbds://h/e?tls-type=psk", "tls-type"},
+		{"psk on plaintext", "nbd://h/e?tls-type=psk", "tls-type"},
+		{"psk file", "nbd://h/e?tls-psk-file=/k", `TLS parameter "tls-psk-file" is not supported`},
+		{"tls priority", "nbd://h/e?tls-priority=NORMAL", `TLS parameter "tls-priority" is not supported`},
+		{"tls username", "nbd+unix:///e?socket=/s&tls-username=u", `TLS parameter "tls-username" is not supported`},
 		{"nul in export", "nbd://h/a%00b", "NUL"},
 		{"long export", "nbd://h/" + long, "4097 bytes"},
 		{"opaque", "nbd:h/e", "want nbd://"},

@@ -646,7 +646,7 @@ func (b *Bolt) Claim(req ClaimRequest) (*Export, error) {
 		}
 		prev := *best
 		best.Phase, best.VolumeName, best.VolumeID = PhaseBound, req.VolumeName, req.VolumeID
-		best.Wipe = req.Wipe
+		best.Wipe, best.KeepData, best.WipedTo = req.Wipe, req.KeepData, 0
 		if req.VolumeContext != nil {
 			best.VolumeContext = req.VolumeContext(best.Name)
 		}
@@ -686,7 +686,7 @@ func (b *Bolt) Release(volumeID string) (*Export, error) {
 			if e.Phase == PhaseBound {
 				e.Phase = PhaseAvailable
 			}
-			e.VolumeName, e.VolumeID, e.VolumeContext, e.Wipe = "", "", nil, false
+			e.VolumeName, e.VolumeID, e.VolumeContext, e.Wipe, e.KeepData, e.WipedTo = "", "", nil, false, false, 0
 			if err := putExport(tx, &released, &e); err != nil {
 				return err
 			}
@@ -697,6 +697,25 @@ func (b *Bolt) Release(volumeID string) (*Export, error) {
 		return volumes.Delete([]byte(volumeID))
 	})
 	return out, err
+}
+
+// WipeProgress records how far the wipe of a volume's export has got.
+func (b *Bolt) WipeProgress(volumeID string, wipedTo uint64) error {
+	return b.db.Update(func(tx *bolt.Tx) error {
+		key := tx.Bucket(bucketVolumes).Get([]byte(volumeID))
+		if key == nil {
+			return fmt.Errorf("volume %s: %w", volumeID, ErrNotFound)
+		}
+		var e Export
+		if found, err := getJSON(tx.Bucket(bucketExports), string(key), &e); err != nil {
+			return err
+		} else if !found || e.VolumeID != volumeID {
+			return fmt.Errorf("volume %s: export record: %w", volumeID, ErrNotFound)
+		}
+		old := e
+		e.WipedTo = wipedTo
+		return putExport(tx, &old, &e)
+	})
 }
 
 // Volume returns the export claimed by a volume ID.

@@ -52,8 +52,16 @@ type Export struct {
 	VolumeID   string `json:"volumeID,omitempty"`
 	// VolumeContext is what the node needs, fixed at claim time.
 	VolumeContext map[string]string `json:"volumeContext,omitempty"`
-	// Wipe asks for the export to be wiped when released.
+	// Wipe asks for the export to be wiped when released (written for
+	// controllers that predate KeepData; the controller wipes unless
+	// KeepData is set).
 	Wipe bool `json:"wipe,omitempty"`
+	// KeepData records an explicit opt-out of wiping (wipeOnDelete:
+	// "false"): only then is the export released without a wipe.
+	KeepData bool `json:"keepData,omitempty"`
+	// WipedTo is how far a wipe has got: below this offset the export
+	// reads as zeroes, so a retried DeleteVolume continues there.
+	WipedTo uint64 `json:"wipedTo,omitempty"`
 	// SeenAt is when a scan last listed the export.
 	SeenAt time.Time `json:"seenAt"`
 }
@@ -95,8 +103,8 @@ type ClaimRequest struct {
 	// VolumeContext returns what to record with the claim for the chosen
 	// export (the node needs the export's URI); nil records none.
 	VolumeContext func(exportName string) map[string]string
-	// Wipe is recorded with the claim.
-	Wipe bool
+	// Wipe and KeepData are recorded with the claim.
+	Wipe, KeepData bool
 }
 
 // Sentinel errors.
@@ -233,6 +241,9 @@ type Store interface {
 	// Release unbinds the volume's export (Available again, or Missing if
 	// it was); an unknown volume is not an error.
 	Release(volumeID string) (*Export, error)
+	// WipeProgress records the WipedTo of the export a volume claims
+	// (ErrNotFound if it claims none). The export stays Bound.
+	WipeProgress(volumeID string, wipedTo uint64) error
 	// Volume returns the export claimed by a volume ID.
 	Volume(volumeID string) (*Export, error)
 	// Exports lists every export, sorted by server and name.

@@ -299,6 +299,13 @@ func TestChartCustomValues(t *testing.T) {
 		t.Error("fast is not the default class")
 	}
 	secure := objs["StorageClass/secure"]
+	// Wiping is the default; only an explicit false opts out.
+	if got := get(secure, "parameters", "wipeOnDelete"); got != "true" {
+		t.Errorf("StorageClass without wipeOnDelete renders wipeOnDelete=%v, want \"true\" (secure by default)", got)
+	}
+	if got := get(objs["StorageClass/scratch"], "parameters", "wipeOnDelete"); got != "false" {
+		t.Errorf("StorageClass with wipeOnDelete: false renders %v, want \"false\"", got)
+	}
 	for _, k := range []string{"provisioner-secret", "node-stage-secret", "controller-expand-secret"} {
 		if get(secure, "parameters", "csi.storage.k8s.io/"+k+"-name") != "nbd-tls" ||
 			get(secure, "parameters", "csi.storage.k8s.io/"+k+"-namespace") != "storage" {

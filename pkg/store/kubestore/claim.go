@@ -138,6 +138,7 @@ func (s *Store) bind(c context.Context, vol *api.NBDVolume, req store.ClaimReque
 	if err == nil && o.Status.Phase == string(store.PhaseAvailable) {
 		setPhase(o, store.PhaseBound)
 		o.Status.VolumeName, o.Status.VolumeID, o.Status.Wipe = req.VolumeName, req.VolumeID, req.Wipe
+		o.Status.KeepData, o.Status.WipedTo = req.KeepData, 0
 		o.Status.VolumeContext = nil
 		if req.VolumeContext != nil {
 			o.Status.VolumeContext = req.VolumeContext(o.Spec.Export)
@@ -184,6 +185,7 @@ func (s *Store) Release(volumeID string) (*store.Export, error) {
 				setPhase(o, store.PhaseAvailable)
 			}
 			o.Status.VolumeName, o.Status.VolumeID, o.Status.VolumeContext, o.Status.Wipe, o.Status.Nodes = "", "", nil, false, ""
+			o.Status.KeepData, o.Status.WipedTo = false, 0
 			return true, nil
 		})
 		if err != nil && !apierrors.IsNotFound(err) {
@@ -194,6 +196,32 @@ func (s *Store) Release(volumeID string) (*store.Export, error) {
 		return out, fmt.Errorf("delete volume record %s: %w", volName, err)
 	}
 	return out, nil
+}
+
+// WipeProgress implements store.Store.
+func (s *Store) WipeProgress(volumeID string, wipedTo uint64) error {
+	c, cancel := ctx()
+	defer cancel()
+	vol, err := get[api.NBDVolume](c, s.volumes, VolumeObjectName(volumeID))
+	if apierrors.IsNotFound(err) || err == nil && (vol.Spec.ExportObject == "" || vol.Spec.VolumeID != volumeID) {
+		return fmt.Errorf("volume %s: %w", volumeID, store.ErrNotFound)
+	}
+	if err != nil {
+		return err
+	}
+	var claimed bool
+	_, err = s.modifyExport(c, vol.Spec.ExportObject, nil, func(o *api.NBDExport) (bool, error) {
+		claimed = o.Status.VolumeID == volumeID
+		if !claimed || o.Status.WipedTo == int64(wipedTo) {
+			return false, nil
+		}
+		o.Status.WipedTo = int64(wipedTo)
+		return true, nil
+	})
+	if apierrors.IsNotFound(err) || err == nil && !claimed {
+		return fmt.Errorf("volume %s: export record: %w", volumeID, store.ErrNotFound)
+	}
+	return err
 }
 
 // Volume implements store.Store.

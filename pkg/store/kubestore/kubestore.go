@@ -123,6 +123,7 @@ func toStore(o *api.NBDExport) store.Export {
 		Size: uint64(o.Spec.Size), Flags: uint16(o.Spec.Flags), ReadOnly: o.Spec.ReadOnly,
 		Phase: store.Phase(o.Status.Phase), VolumeName: o.Status.VolumeName, VolumeID: o.Status.VolumeID,
 		VolumeContext: o.Status.VolumeContext, Wipe: o.Status.Wipe, SeenAt: o.Status.SeenAt.Time,
+		KeepData: o.Status.KeepData, WipedTo: uint64(max(o.Status.WipedTo, 0)),
 	}
 	return e
 }

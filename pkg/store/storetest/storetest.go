@@ -120,6 +120,39 @@ func Run(t *testing.T, f Factory) {
 		}
 	})
 
+	t.Run("WipeProgress", func(t *testing.T) {
+		s := f.Open(t)
+		if err := s.SyncExports(srv, pool(1<<30), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		e, err := s.Claim(store.ClaimRequest{VolumeName: "pvc", VolumeID: "id-pvc", Server: srv, MinSize: 1, Wipe: false, KeepData: true})
+		if err != nil || !e.KeepData || e.WipedTo != 0 {
+			t.Fatalf("claim with KeepData = %+v, %v", e, err)
+		}
+		if err := s.WipeProgress("id-pvc", 256<<20); err != nil {
+			t.Fatal(err)
+		}
+		if v, err := s.Volume("id-pvc"); err != nil || v.WipedTo != 256<<20 || v.Phase != store.PhaseBound || !v.KeepData {
+			t.Errorf("after WipeProgress: %+v, %v; want WipedTo 256 MiB, still Bound", v, err)
+		}
+		if f.Reopen != nil {
+			s = f.Reopen(t, s)
+			if v, err := s.Volume("id-pvc"); err != nil || v.WipedTo != 256<<20 || v.Phase != store.PhaseBound {
+				t.Errorf("wipe progress across a restart: %+v, %v", v, err)
+			}
+		}
+		if err := s.WipeProgress("id-nobody", 1); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("WipeProgress of an unknown volume: %v, want ErrNotFound", err)
+		}
+		if _, err := s.Release("id-pvc"); err != nil {
+			t.Fatal(err)
+		}
+		e, err = claim(s, "pvc2", 1)
+		if err != nil || e.WipedTo != 0 || e.KeepData {
+			t.Errorf("next claim of the export = %+v, %v; want no wipe progress and no KeepData carried over", e, err)
+		}
+	})
+
 	t.Run("Fencing", func(t *testing.T) {
 		s := f.Open(t)
 		w := store.Attachment{VolumeID: "v", NodeID: "n1"}

@@ -69,6 +69,16 @@ type NBDExportStatus struct {
 	// Wipe asks for the export to be wiped when the volume is deleted.
 	// +optional
 	Wipe bool `json:"wipe,omitempty"`
+	// KeepData records that the StorageClass opted out of wiping
+	// (wipeOnDelete: "false"); without it the export is wiped before it
+	// is released.
+	// +optional
+	KeepData bool `json:"keepData,omitempty"`
+	// WipedTo is how far the wipe of a deleted volume has got, in bytes
+	// from the start: a retried DeleteVolume continues there.
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	WipedTo int64 `json:"wipedTo,omitempty"`
 	// Nodes lists the nodes holding the claiming volume, comma-separated
 	// (a copy of the NBDVolume's holders for kubectl get).
 	// +optional
