@@ -151,10 +151,27 @@ func (c *Crypt) Probe(ctx context.Context, device string) (Content, error) {
 	default:
 		return 0, &CommandError{Op: "blkid " + device, ExitCode: res.ExitCode, Stderr: string(res.Stderr)}
 	}
-	if i := bytes.IndexFunc(buf, func(r rune) bool { return r != 0 }); i >= 0 {
+	if i := firstNonZero(buf); i >= 0 {
 		return 0, &ForeignDataError{Device: device, Found: fmt.Sprintf("non-zero data at byte %d with no known signature", i)}
 	}
 	return Blank, nil
+}
+
+// firstNonZero returns the index of the first non-zero byte, or -1.
+func firstNonZero(b []byte) int {
+	var zero [4096]byte
+	for off := 0; off < len(b); off += len(zero) {
+		chunk := b[off:min(off+len(zero), len(b))]
+		if bytes.Equal(chunk, zero[:len(chunk)]) {
+			continue
+		}
+		for i, c := range chunk {
+			if c != 0 {
+				return off + i
+			}
+		}
+	}
+	return -1
 }
 
 // parseExport parses blkid -o export output (KEY=value lines).

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 
-package crypt
+package crypt_test
 
 import (
 	"bytes"
@@ -12,11 +12,14 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	. "github.com/nbd-csi/nbd-csi/pkg/crypt"
+	"github.com/nbd-csi/nbd-csi/pkg/crypt/crypttest"
 )
 
 type env struct {
 	c     *Crypt
-	tools *fakeTools
+	tools *crypttest.Tools
 	dev   string
 }
 
@@ -31,7 +34,7 @@ func newEnv(t *testing.T) *env {
 	if err := os.Truncate(dev, 32<<20); err != nil {
 		t.Fatal(err)
 	}
-	tools := newFakeTools(filepath.Join(dir, "dev"))
+	tools := crypttest.NewTools(filepath.Join(dir, "dev"))
 	return &env{c: New(tools, Options{DevDir: filepath.Join(dir, "dev")}), tools: tools, dev: dev}
 }
 
@@ -48,9 +51,9 @@ func writeAt(t *testing.T, path string, off int64, b []byte) {
 }
 
 // noSecretInArgs fails if a passphrase appears in any argument.
-func noSecretInArgs(t *testing.T, tools *fakeTools, secrets ...string) {
+func noSecretInArgs(t *testing.T, tools *crypttest.Tools, secrets ...string) {
 	t.Helper()
-	for _, c := range tools.cmds {
+	for _, c := range tools.Commands() {
 		for _, a := range c.Args {
 			for _, s := range secrets {
 				if strings.Contains(a, s) {
@@ -92,7 +95,7 @@ func TestEnsureOpenFormatsBlankOnceAndReopens(t *testing.T) {
 	if formatted, err := e.c.EnsureOpen(ctx, e.dev, name, []byte("secret-1"), false); err != nil || formatted {
 		t.Fatalf("reopen: formatted=%v err=%v", formatted, err)
 	}
-	if n := strings.Count(strings.Join(e.tools.actions(), " "), "luksFormat"); n != 1 {
+	if n := strings.Count(strings.Join(e.tools.Actions(), " "), "luksFormat"); n != 1 {
 		t.Fatalf("luksFormat ran %d times, want 1", n)
 	}
 	noSecretInArgs(t, e.tools, "secret-1")
@@ -108,15 +111,15 @@ func TestEnsureOpenWrongKeyNeverFormats(t *testing.T) {
 	if err := e.c.Close(ctx, name); err != nil {
 		t.Fatal(err)
 	}
-	before := len(e.tools.actions())
+	before := len(e.tools.Actions())
 	_, err := e.c.EnsureOpen(ctx, e.dev, name, []byte("wrong"), false)
 	if !errors.Is(err, ErrWrongKey) {
 		t.Fatalf("wrong key: got %v, want ErrWrongKey", err)
 	}
-	if slices.Contains(e.tools.actions()[before:], "luksFormat") {
+	if slices.Contains(e.tools.Actions()[before:], "luksFormat") {
 		t.Fatal("a wrong key led to luksFormat")
 	}
-	if e.tools.opens(e.dev, []byte("right")) < 0 {
+	if !e.tools.Opens(e.dev, []byte("right")) {
 		t.Fatal("the right key no longer opens the header")
 	}
 	// An active mapping does not let a wrong key in either.
@@ -143,7 +146,7 @@ func TestEnsureOpenRefusesForeignData(t *testing.T) {
 			if !errors.As(err, &fe) || !strings.Contains(fe.Found, tc.found) {
 				t.Fatalf("got %v, want ForeignDataError naming %q", err, tc.found)
 			}
-			if slices.Contains(e.tools.actions(), "luksFormat") {
+			if slices.Contains(e.tools.Actions(), "luksFormat") {
 				t.Fatal("a device with foreign data was formatted")
 			}
 			if err := e.c.Format(ctx, e.dev, []byte("k")); !errors.As(err, &fe) {
@@ -157,7 +160,7 @@ func TestProbeSecondaryHeader(t *testing.T) {
 	e := newEnv(t)
 	// A LUKS2 device whose primary header was overwritten is still LUKS
 	// (cryptsetup repair restores it from the secondary): never format it.
-	writeAt(t, e.dev, 0x4000, luks2Magic)
+	writeAt(t, e.dev, 0x4000, []byte("SKUL\xba\xbe"))
 	got, err := e.c.Probe(context.Background(), e.dev)
 	if err != nil || got != LUKS {
 		t.Fatalf("Probe: %v %v, want LUKS", got, err)
@@ -194,7 +197,7 @@ func TestCloseBusy(t *testing.T) {
 	if _, err := e.c.EnsureOpen(ctx, e.dev, name, []byte("k"), false); err != nil {
 		t.Fatal(err)
 	}
-	e.tools.busy[name] = true
+	e.tools.SetBusy(name, true)
 	if err := e.c.Close(ctx, name); !errors.Is(err, ErrBusy) {
 		t.Fatalf("got %v, want ErrBusy", err)
 	}
@@ -207,8 +210,8 @@ func TestBadPassphrases(t *testing.T) {
 			t.Errorf("passphrase of %d bytes: got %v, want ErrBadKey", len(k), err)
 		}
 	}
-	if len(e.tools.cmds) != 0 {
-		t.Fatalf("bad passphrases ran %d commands", len(e.tools.cmds))
+	if len(e.tools.Commands()) != 0 {
+		t.Fatalf("bad passphrases ran %d commands", len(e.tools.Commands()))
 	}
 }
 
@@ -241,14 +244,14 @@ func TestRotate(t *testing.T) {
 	if err := e.c.Rotate(ctx, e.dev, []byte("old-pass"), []byte("new-pass")); err != nil {
 		t.Fatal(err)
 	}
-	if e.tools.opens(e.dev, []byte("old-pass")) >= 0 || e.tools.opens(e.dev, []byte("new-pass")) < 0 {
-		t.Fatalf("after rotation: slots %q", e.tools.slots[e.dev])
+	if e.tools.Opens(e.dev, []byte("old-pass")) || !e.tools.Opens(e.dev, []byte("new-pass")) {
+		t.Fatalf("after rotation: slots %q", e.tools.Slots(e.dev))
 	}
 	// Repeating it is fine (already rotated); the mapping stayed active.
 	if err := e.c.Rotate(ctx, e.dev, []byte("old-pass"), []byte("new-pass")); err != nil {
 		t.Fatalf("repeated rotation: %v", err)
 	}
-	if _, ok := e.tools.active[name]; !ok {
+	if _, ok := e.tools.Active(name); !ok {
 		t.Fatal("rotation closed the mapping")
 	}
 	noSecretInArgs(t, e.tools, "old-pass", "new-pass")
@@ -264,8 +267,8 @@ func TestRotateRefusals(t *testing.T) {
 		if err := e.c.Rotate(ctx, e.dev, []byte("nope"), []byte("k2")); !errors.Is(err, ErrWrongKey) {
 			t.Fatalf("got %v, want ErrWrongKey", err)
 		}
-		if len(e.tools.slots[e.dev]) != 1 || e.tools.opens(e.dev, []byte("k1")) != 0 {
-			t.Fatalf("slots changed: %q", e.tools.slots[e.dev])
+		if len(e.tools.Slots(e.dev)) != 1 || !e.tools.Opens(e.dev, []byte("k1")) {
+			t.Fatalf("slots changed: %q", e.tools.Slots(e.dev))
 		}
 	})
 	t.Run("same key", func(t *testing.T) {
@@ -285,14 +288,14 @@ func TestRotateRefusals(t *testing.T) {
 		if err := e.c.Format(ctx, e.dev, []byte("k1")); err != nil {
 			t.Fatal(err)
 		}
-		e.tools.addNoop = true
+		e.tools.AddNoop = true
 		if err := e.c.Rotate(ctx, e.dev, []byte("k1"), []byte("k2")); !errors.Is(err, ErrWrongKey) {
 			t.Fatalf("got %v, want the proof to fail with ErrWrongKey", err)
 		}
-		if e.tools.opens(e.dev, []byte("k1")) < 0 {
+		if !e.tools.Opens(e.dev, []byte("k1")) {
 			t.Fatal("the old slot was removed although the new one was never proven")
 		}
-		if slices.Contains(e.tools.actions(), "luksRemoveKey") {
+		if slices.Contains(e.tools.Actions(), "luksRemoveKey") {
 			t.Fatal("luksRemoveKey ran before the new key was proven")
 		}
 	})
@@ -301,14 +304,14 @@ func TestRotateRefusals(t *testing.T) {
 		if err := e.c.Format(ctx, e.dev, []byte("k1")); err != nil {
 			t.Fatal(err)
 		}
-		e.tools.slots[e.dev] = append(e.tools.slots[e.dev], []byte("k2")) // added, not yet removed
+		e.tools.AddSlot(e.dev, []byte("k2")) // added, not yet removed
 		if err := e.c.Rotate(ctx, e.dev, []byte("k1"), []byte("k2")); err != nil {
 			t.Fatal(err)
 		}
-		if slices.Contains(e.tools.actions(), "luksAddKey") {
+		if slices.Contains(e.tools.Actions(), "luksAddKey") {
 			t.Fatal("a second slot was added for a key that already opens one")
 		}
-		if got := e.tools.slots[e.dev]; len(got) != 1 || string(got[0]) != "k2" {
+		if got := e.tools.Slots(e.dev); len(got) != 1 || string(got[0]) != "k2" {
 			t.Fatalf("slots %q, want only k2", got)
 		}
 	})
@@ -323,7 +326,7 @@ func TestExecRunnerSecretChannels(t *testing.T) {
 	if string(res.Stdout) != "on-stdin on-fd3" || res.ExitCode != 3 {
 		t.Fatalf("got %q exit %d", res.Stdout, res.ExitCode)
 	}
-	if _, err := (ExecRunner{}).Run(context.Background(), Command{Name: "sh", Fd3: make([]byte, maxFd3+1)}); err == nil {
+	if _, err := (ExecRunner{}).Run(context.Background(), Command{Name: "sh", Fd3: make([]byte, 1<<20)}); err == nil {
 		t.Fatal("an oversized fd 3 input was accepted")
 	}
 }
