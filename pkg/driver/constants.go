@@ -2,6 +2,8 @@
 
 package driver
 
+import "github.com/nbd-csi/nbd-csi/pkg/crypt"
+
 // DefaultDriverName is the CSI driver name unless --driver-name says
 // otherwise.
 const DefaultDriverName = "nbd.csi.nbd-csi.io"
@@ -30,6 +32,11 @@ const (
 	KeyBlockSize = "blockSize"
 	// KeyMkfsOptions are extra options for mkfs, split on whitespace.
 	KeyMkfsOptions = "mkfsOptions"
+	// KeyEncrypted ("true"/"false", default false) stores the volume
+	// LUKS2-encrypted: the node formats a blank export with LUKS2 and
+	// opens it with the passphrase from the node-stage secret key
+	// SecretEncryptionPassphrase.
+	KeyEncrypted = "encrypted"
 )
 
 // Node-stage secret keys (the kubernetes.io/tls convention).
@@ -37,6 +44,9 @@ const (
 	SecretCA   = "ca.crt"
 	SecretCert = "tls.crt"
 	SecretKey  = "tls.key"
+	// SecretEncryptionPassphrase holds the passphrase of an encrypted
+	// volume (exact bytes: a trailing newline is part of it).
+	SecretEncryptionPassphrase = crypt.SecretPassphraseKey
 )
 
 // Filesystem types the node can create.

@@ -225,6 +225,9 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if err := checkEncryption(p, req.GetVolumeCapabilities()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	tls, err := tlsFromSecrets(req.GetSecrets())
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -242,7 +245,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	}
 	writer := writable(req.GetVolumeCapabilities())
 	e, err := s.store.Claim(store.ClaimRequest{
-		VolumeName: name, VolumeID: volumeID(name), Server: p.server.String(), MinSize: uint64(required),
+		VolumeName: name, VolumeID: volumeID(name), Server: p.server.String(), MinSize: claimSize(p, required),
 		VolumeContext: p.volumeContext, Wipe: p.wipe,
 		Fits: func(e *store.Export) bool {
 			if ok, _ := path.Match(p.filter, e.Name); !ok {

@@ -7,8 +7,10 @@ package crypttest
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"github.com/nbd-csi/nbd-csi/pkg/crypt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -264,7 +266,7 @@ func head(dev string) ([]byte, error) {
 	defer f.Close()
 	b := make([]byte, 4096)
 	n, err := f.ReadAt(b, 0)
-	if err != nil && n == 0 {
+	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
 	return b[:n], nil
