@@ -9,6 +9,7 @@
 //	nbd-csi detach DEVICE|--id ID            detach a device
 //	nbd-csi devices [--json]                 list nbd devices
 //	nbd-csi exports [--json] [--store-path PATH]  the controller's inventory
+//	nbd-csi luks rotate --volume-id ID|--device DEV --old-key-file F --new-key-file F
 //	nbd-csi version                          print the version
 //
 // See docs/cli.md for every flag and the JSON field names.
@@ -41,6 +42,7 @@ func commands() []command {
 		{"detach", "detach an nbd device", runDetach},
 		{"devices", "list the kernel's nbd devices and who attached them", runDevices},
 		{"exports", "list the controller's export inventory and claims", runExports},
+		{"luks", "rotate the passphrase of an encrypted volume (luks rotate)", runLuks},
 		{"version", "print the version", runVersion},
 	}
 }
