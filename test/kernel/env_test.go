@@ -15,6 +15,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/nbd-csi/nbd-csi/pkg/attach"
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 )
@@ -86,7 +87,8 @@ func (n *node) start() {
 	if err := n.att.Ready(ctx); err != nil {
 		n.t.Fatal(err)
 	}
-	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "vm", KubeletDir: n.kubelet, StateDir: n.stateDir}, n.att, driver.NewNodeMounter())
+	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "vm", KubeletDir: n.kubelet, StateDir: n.stateDir}, n.att, driver.NewNodeMounter(),
+		driver.WithEncryption(crypt.Volumes{C: crypt.New(crypt.ExecRunner{}, crypt.Options{})}, crypt.SecretKeySource{}))
 	if err != nil {
 		n.t.Fatal(err)
 	}
