@@ -60,6 +60,10 @@ type Options struct {
 	// IterTimeMS is the PBKDF unlock time target in milliseconds (0:
 	// cryptsetup's default, 2000).
 	IterTimeMS int
+	// PBKDFIterations, when > 0, fixes the argon2id time cost (at least
+	// 4) instead of benchmarking for IterTimeMS: cheaper to create and
+	// to open, weaker against guessing. For tests on slow emulators.
+	PBKDFIterations int
 	// DevDir is the /dev directory (default "/dev"); mappings appear in
 	// DevDir/mapper.
 	DevDir string
@@ -189,7 +193,10 @@ func parseExport(b []byte) map[string]string {
 // slotArgs are the key-slot options of luksFormat and luksAddKey.
 func (c *Crypt) slotArgs() []string {
 	a := []string{"--pbkdf", "argon2id", "--pbkdf-memory", strconv.Itoa(c.opts.PBKDFMemoryKiB)}
-	if c.opts.IterTimeMS > 0 {
+	switch {
+	case c.opts.PBKDFIterations > 0:
+		a = append(a, "--pbkdf-force-iterations", strconv.Itoa(max(c.opts.PBKDFIterations, 4)))
+	case c.opts.IterTimeMS > 0:
 		a = append(a, "--iter-time", strconv.Itoa(c.opts.IterTimeMS))
 	}
 	return a

@@ -346,7 +346,7 @@ func TestCryptsetupOnFile(t *testing.T) {
 	if err := os.Truncate(dev, 32<<20); err != nil {
 		t.Fatal(err)
 	}
-	c := New(ExecRunner{}, Options{PBKDFMemoryKiB: 32 << 10, IterTimeMS: 100, DevDir: filepath.Join(dir, "dev")})
+	c := New(ExecRunner{}, Options{PBKDFMemoryKiB: 32 << 10, PBKDFIterations: 4, DevDir: filepath.Join(dir, "dev")})
 	if got, err := c.Probe(ctx, dev); err != nil || got != Blank {
 		t.Fatalf("Probe blank: %v %v", got, err)
 	}

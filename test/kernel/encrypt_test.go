@@ -283,13 +283,13 @@ func TestKernelEncryptedRotate(t *testing.T) {
 	if err := os.WriteFile(newFile, []byte("new-pass"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "luks", "rotate", "--volume-id", vol, "--old-key-file", "-", "--new-key-file", newFile)
+	cmd := exec.Command(bin, "luks", "rotate", "--pbkdf-memory", "32768", "--pbkdf-iterations", "4", "--volume-id", vol, "--old-key-file", "-", "--new-key-file", newFile)
 	cmd.Stdin = strings.NewReader("old-pass")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("luks rotate: %v\n%s", err, out)
 	}
 	// A wrong old passphrase is refused and changes nothing.
-	cmd = exec.Command(bin, "luks", "rotate", "--volume-id", vol, "--old-key-file", "-", "--new-key-file", newFile)
+	cmd = exec.Command(bin, "luks", "rotate", "--pbkdf-memory", "32768", "--pbkdf-iterations", "4", "--volume-id", vol, "--old-key-file", "-", "--new-key-file", newFile)
 	cmd.Stdin = strings.NewReader("not-it")
 	if out, err := cmd.CombinedOutput(); err == nil {
 		t.Fatalf("rotation from a wrong passphrase succeeded: %s", out)
