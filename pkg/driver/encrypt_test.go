@@ -4,11 +4,13 @@ package driver_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -17,6 +19,7 @@ import (
 	"github.com/nbd-csi/nbd-csi/pkg/crypt/crypttest"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"github.com/nbd-csi/nbd-csi/pkg/driver/drivertest"
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 	"github.com/nbd-csi/nbd-csi/pkg/store"
 )
 
@@ -271,5 +274,71 @@ func TestEncryptedParams(t *testing.T) {
 	}
 	if v.Volume.VolumeContext["uri"] != server+"/bigger" || v.Volume.VolumeContext["encrypted"] != "true" {
 		t.Fatalf("volume %v: want the export with room for the LUKS2 header, and encrypted in its context", v.Volume)
+	}
+}
+
+func TestEncryptedOrphans(t *testing.T) {
+	ctx := context.Background()
+	e := newEncEnv(t)
+	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "node-1", KubeletDir: e.kubelet, StateDir: e.stateDir,
+		OrphanGracePeriod: time.Hour}, e.att, e.mnt, driver.WithEncryption(e.enc, crypt.SecretKeySource{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A device of ours with no record whose mapping is open and mounted
+	// (e.g. a state directory lost): in use, so kept.
+	att, err := e.att.Attach(ctx, driver.AttachSpec{VolumeID: "orphan", URI: &nbd.URI{Export: "orphan"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper, _, err := e.enc.Open(ctx, "orphan", att.Device, []byte("k"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(t.TempDir(), "m")
+	if err := e.mnt.Mount(mapper, mnt, "ext4", nil); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	svc.SweepOrphansForTest(ctx, now)
+	svc.SweepOrphansForTest(ctx, now.Add(2*time.Hour))
+	if _, err := e.att.Lookup(ctx, "orphan"); err != nil {
+		t.Fatalf("a device whose mapping is mounted was detached: %v", err)
+	}
+	// Unmounted but the mapping is held open: close fails, device kept.
+	if err := e.mnt.Unmount(mnt); err != nil {
+		t.Fatal(err)
+	}
+	e.tools.SetBusy(crypt.MapperName("orphan"), true)
+	svc.SweepOrphansForTest(ctx, now.Add(3*time.Hour))
+	if _, err := e.att.Lookup(ctx, "orphan"); err != nil {
+		t.Fatalf("a device under a busy mapping was detached: %v", err)
+	}
+	// Nothing uses it: the mapping closes, then the device detaches.
+	e.tools.SetBusy(crypt.MapperName("orphan"), false)
+	svc.SweepOrphansForTest(ctx, now.Add(4*time.Hour))
+	if _, err := e.att.Lookup(ctx, "orphan"); !errors.Is(err, driver.ErrNotAttached) {
+		t.Fatalf("orphan still attached: %v", err)
+	}
+	if _, ok := e.tools.Active(crypt.MapperName("orphan")); ok {
+		t.Fatal("the orphan's mapping is still open")
+	}
+}
+
+func TestEncryptionSlotOptions(t *testing.T) {
+	tools := crypttest.NewTools(t.TempDir())
+	dev := filepath.Join(t.TempDir(), "d")
+	if err := os.WriteFile(dev, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := crypt.New(tools, crypt.Options{PBKDFIterations: 4})
+	if err := c.Format(context.Background(), dev, []byte("k")); err != nil {
+		t.Fatal(err)
+	}
+	args := strings.Join(tools.Commands()[len(tools.Commands())-1].Args, " ")
+	for _, want := range []string{"--type luks2", "--pbkdf argon2id", "--pbkdf-memory 65536", "--pbkdf-force-iterations 4", "--key-file -"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("luksFormat %q lacks %q", args, want)
+		}
 	}
 }
