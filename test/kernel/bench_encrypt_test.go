@@ -103,6 +103,6 @@ func TestKernelBenchEncrypted(t *testing.T) {
 	fmt.Printf("BENCH| block volume, 256 MiB export, TCG | plain | encrypted | encrypted/plain |\n")
 	fmt.Printf("BENCH| first NodeStage | %v | %v | %.2f |\n", p.stage.Round(time.Millisecond), e.stage.Round(time.Millisecond), float64(e.stage)/float64(p.stage))
 	fmt.Printf("BENCH| NodeStage again | %v | %v | %.2f |\n", p.restage.Round(time.Millisecond), e.restage.Round(time.Millisecond), float64(e.restage)/float64(p.restage))
-	fmt.Printf("BENCH| write 1 MiB O_DIRECT, MB/s | %.1f | %.1f | %.2f |\n", p.write, e.write, e.write/p.write)
-	fmt.Printf("BENCH| read 1 MiB O_DIRECT, MB/s | %.1f | %.1f | %.2f |\n", p.read, e.read, e.read/p.read)
+	fmt.Printf("BENCH| write 1 MiB O_DIRECT, MiB/s | %.1f | %.1f | %.2f |\n", p.write, e.write, e.write/p.write)
+	fmt.Printf("BENCH| read 1 MiB O_DIRECT, MiB/s | %.1f | %.1f | %.2f |\n", p.read, e.read, e.read/p.read)
 }
