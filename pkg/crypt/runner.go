@@ -54,8 +54,10 @@ func (ExecRunner) Run(ctx context.Context, cmd Command) (Result, error) {
 	c.Stdout, c.Stderr = &stdout, &stderr
 	c.Stdin = bytes.NewReader(cmd.Stdin)
 	// A minimal environment: cryptsetup needs no more, and nothing of
-	// ours leaks into it.
-	c.Env = []string{"PATH=" + os.Getenv("PATH"), "LC_ALL=C"}
+	// ours leaks into it. DM_DISABLE_UDEV makes libdevmapper create the
+	// /dev/mapper nodes itself instead of waiting for a udev the plugin's
+	// container may not reach (as it does when no udev runs at all).
+	c.Env = []string{"PATH=" + os.Getenv("PATH"), "LC_ALL=C", "DM_DISABLE_UDEV=1"}
 	if cmd.Fd3 != nil {
 		if len(cmd.Fd3) > maxFd3 {
 			return Result{}, fmt.Errorf("%s: descriptor 3 input of %d bytes exceeds %d", cmd.Name, len(cmd.Fd3), maxFd3)
