@@ -208,13 +208,14 @@ func TestKernelEncryptedForeignData(t *testing.T) {
 // device resized, mapping resized, filesystem grown.
 func TestKernelEncryptedExpand(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		c    *csi.VolumeCapability
-	}{{"ext4", fsCap("ext4")}, {"block", blockCap()}} {
+		name     string
+		c        *csi.VolumeCapability
+		from, to int64
+	}{{"ext4", fsCap("ext4"), 128 << 20, 256 << 20}, {"xfs", fsCap("xfs"), 320 << 20, 640 << 20}, {"block", blockCap(), 128 << 20, 256 << 20}} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNode(t)
 			block := tc.c.GetBlock() != nil
-			img := backingFile(t, 128<<20)
+			img := backingFile(t, tc.from)
 			srv := servers.Nbdkit(t, servers.Unix, "file", "file="+img)
 			vol := "enc-expand-" + tc.name
 			if err := n.stageEnc(vol, tc.c, srv.URI(""), "k"); err != nil {
@@ -229,28 +230,28 @@ func TestKernelEncryptedExpand(t *testing.T) {
 			} else {
 				before = fsSize(t, target)
 			}
-			if err := os.Truncate(img, 256<<20); err != nil {
+			if err := os.Truncate(img, tc.to); err != nil {
 				t.Fatal(err)
 			}
 			resp, err := n.svc.NodeExpandVolume(context.Background(), &csi.NodeExpandVolumeRequest{VolumeId: vol,
-				VolumePath: target, StagingTargetPath: n.staging(vol), CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
+				VolumePath: target, StagingTargetPath: n.staging(vol), CapacityRange: &csi.CapacityRange{RequiredBytes: tc.to},
 				VolumeCapability: tc.c})
 			if err != nil {
 				t.Fatalf("NodeExpandVolume: %v", err)
 			}
-			if resp.CapacityBytes != 256<<20 {
-				t.Errorf("capacity %d, want %d", resp.CapacityBytes, 256<<20)
+			if resp.CapacityBytes != tc.to {
+				t.Errorf("capacity %d, want %d", resp.CapacityBytes, tc.to)
 			}
 			var after int64
 			if block {
 				after = deviceSize(t, target)
-				if after != 256<<20-crypt.HeaderArea {
-					t.Errorf("mapping is %d bytes after expansion, want %d", after, 256<<20-crypt.HeaderArea)
+				if after != tc.to-crypt.HeaderArea {
+					t.Errorf("mapping is %d bytes after expansion, want %d", after, tc.to-crypt.HeaderArea)
 				}
 			} else {
 				after = fsSize(t, target)
-				if after < before+100<<20 {
-					t.Errorf("filesystem grew from %d to %d bytes, want about 128 MiB more", before, after)
+				if grow := tc.to - tc.from; after < before+grow*3/4 {
+					t.Errorf("filesystem grew from %d to %d bytes, want about %d more", before, after, grow)
 				}
 			}
 			t.Logf("%s grew from %d to %d MiB", tc.name, before>>20, after>>20)
