@@ -342,3 +342,16 @@ func TestEncryptionSlotOptions(t *testing.T) {
 		}
 	}
 }
+
+func TestEncryptedReadOnlyBlank(t *testing.T) {
+	e := newEncEnv(t)
+	req := e.encStageReq("vol1", "k")
+	req.VolumeCapability = mountCap("ext4", csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY)
+	_, err := e.svc.NodeStageVolume(context.Background(), req)
+	if code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "read-only") {
+		t.Fatalf("got %v, want FailedPrecondition: a blank device cannot be formatted read-only", err)
+	}
+	if slices.Contains(e.tools.Actions(), "luksFormat") {
+		t.Fatal("a read-only stage formatted the device")
+	}
+}

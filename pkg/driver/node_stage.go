@@ -104,7 +104,9 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	}
 	device := att.Device
 	if params.Encrypted {
-		if device, err = s.openEncrypted(ctx, volumeID, att.Device, key, c.readOnly); err != nil {
+		// A read-only export opens read-only too (and a blank one is refused
+		// with a clear error instead of a failed luksFormat).
+		if device, err = s.openEncrypted(ctx, volumeID, att.Device, key, c.readOnly || att.ReadOnly); err != nil {
 			return nil, err
 		}
 	}
