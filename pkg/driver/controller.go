@@ -254,7 +254,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 			if writer && e.ReadOnly {
 				return false
 			}
-			return limit == 0 || e.Size <= uint64(limit)
+			return limit == 0 || e.Size-claimSize(p, 0) <= uint64(limit)
 		},
 	})
 	var ce *store.CapacityError
@@ -268,12 +268,13 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	case err != nil:
 		return nil, status.Errorf(codes.Internal, "claim: %v", err)
 	}
-	if limit > 0 && e.Size > uint64(limit) {
-		return nil, status.Errorf(codes.AlreadyExists, "volume %s exists with %d bytes, above the limit %d", name, e.Size, limit)
+	capacity := usableSize(e.VolumeContext, e.Size)
+	if limit > 0 && capacity > uint64(limit) {
+		return nil, status.Errorf(codes.AlreadyExists, "volume %s exists with %d bytes, above the limit %d", name, capacity, limit)
 	}
 	logger(ctx).Info("Provisioned", "volume", e.VolumeID, "export", e.Name, "server", e.Server, "bytes", e.Size)
 	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
-		VolumeId: e.VolumeID, CapacityBytes: int64(e.Size), VolumeContext: e.VolumeContext,
+		VolumeId: e.VolumeID, CapacityBytes: int64(capacity), VolumeContext: e.VolumeContext,
 	}}, nil
 }
 

@@ -38,3 +38,22 @@ func claimSize(p *poolParams, required int64) uint64 {
 	}
 	return uint64(required)
 }
+
+// luksOverhead is what an encrypted volume's LUKS2 header takes from its
+// export; 0 for a plain volume.
+func luksOverhead(vc map[string]string) uint64 {
+	if b, _ := strconv.ParseBool(vc[KeyEncrypted]); b {
+		return crypt.HeaderArea
+	}
+	return 0
+}
+
+// usableSize is the capacity a volume with volume context vc offers on an
+// export of size bytes: what its filesystem or block device gets.
+func usableSize(vc map[string]string, size uint64) uint64 {
+	o := luksOverhead(vc)
+	if size < o {
+		return 0
+	}
+	return size - o
+}

@@ -229,7 +229,7 @@ func TestEncryptedRestartAdoptsAndExpands(t *testing.T) {
 	}
 	e.att.Sizes["vol1"] = 128 << 20
 	resp, err := e.svc.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: "vol1", VolumePath: req.StagingTargetPath})
-	if err != nil || resp.CapacityBytes != 128<<20 {
+	if err != nil || resp.CapacityBytes != 128<<20-crypt.HeaderArea {
 		t.Fatalf("expand: %v %v", resp, err)
 	}
 	if !slices.Contains(e.tools.Actions(), "resize") {
@@ -272,8 +272,17 @@ func TestEncryptedParams(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v.Volume.VolumeContext["uri"] != server+"/bigger" || v.Volume.VolumeContext["encrypted"] != "true" {
-		t.Fatalf("volume %v: want the export with room for the LUKS2 header, and encrypted in its context", v.Volume)
+	if v.Volume.VolumeContext["uri"] != server+"/bigger" || v.Volume.VolumeContext["encrypted"] != "true" || v.Volume.CapacityBytes != 1<<30 {
+		t.Fatalf("volume %v: want the export with room for the LUKS2 header, its usable size, and encrypted in its context", v.Volume)
+	}
+	// Expansion reports, and checks against, the usable size.
+	if _, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.Volume.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 1<<30 + 1}}); code(err) != codes.OutOfRange {
+		t.Fatalf("expand past the usable size: %v, want OutOfRange", err)
+	}
+	if r, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.Volume.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}}); err != nil || r.CapacityBytes != 1<<30 {
+		t.Fatalf("expand within the usable size: %v %v", r, err)
 	}
 }
 

@@ -105,8 +105,9 @@ func (s *NodeService) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandV
 	if err != nil {
 		return nil, statusError("resize device", err)
 	}
+	size = usableSize(rec.VolumeContext, size) // an encrypted volume: minus its LUKS2 header
 	if want := req.GetCapacityRange().GetRequiredBytes(); want > 0 && uint64(want) > size {
-		return nil, status.Errorf(codes.OutOfRange, "the export is %d bytes, less than the requested %d: grow the export on the NBD server first", size, want)
+		return nil, status.Errorf(codes.OutOfRange, "the volume offers %d bytes, less than the requested %d: grow the export on the NBD server first", size, want)
 	}
 	if rec.encrypted() {
 		if err := s.resizeEncrypted(ctx, rec); err != nil {

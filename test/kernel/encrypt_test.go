@@ -234,13 +234,13 @@ func TestKernelEncryptedExpand(t *testing.T) {
 				t.Fatal(err)
 			}
 			resp, err := n.svc.NodeExpandVolume(context.Background(), &csi.NodeExpandVolumeRequest{VolumeId: vol,
-				VolumePath: target, StagingTargetPath: n.staging(vol), CapacityRange: &csi.CapacityRange{RequiredBytes: tc.to},
+				VolumePath: target, StagingTargetPath: n.staging(vol), CapacityRange: &csi.CapacityRange{RequiredBytes: tc.to - crypt.HeaderArea},
 				VolumeCapability: tc.c})
 			if err != nil {
 				t.Fatalf("NodeExpandVolume: %v", err)
 			}
-			if resp.CapacityBytes != tc.to {
-				t.Errorf("capacity %d, want %d", resp.CapacityBytes, tc.to)
+			if resp.CapacityBytes != tc.to-crypt.HeaderArea {
+				t.Errorf("capacity %d, want %d (the export minus the LUKS2 header)", resp.CapacityBytes, tc.to-crypt.HeaderArea)
 			}
 			var after int64
 			if block {
