@@ -39,10 +39,11 @@ LABEL org.opencontainers.image.title="nbd-csi" \
 	org.opencontainers.image.version="${VERSION}" \
 	org.opencontainers.image.revision="${COMMIT}"
 # mkfs/fsck/blkid/resize (e2fsprogs, xfsprogs), mount/umount (mount,
-# util-linux), modprobe (kmod); nbdkit for the export pool of
-# deploy/examples/nbd-server-pool.yaml (`nbd-csi run-server -- nbdkit …`).
+# util-linux), modprobe (kmod), cryptsetup for encrypted volumes
+# (cryptsetup-bin: the tool without the boot-time scripts); nbdkit for the
+# export pool of deploy/examples/nbd-server-pool.yaml (`nbd-csi run-server -- nbdkit …`).
 RUN apt-get update && apt-get install -y --no-install-recommends \
-		e2fsprogs xfsprogs util-linux mount kmod ca-certificates nbdkit \
+		e2fsprogs xfsprogs util-linux mount kmod cryptsetup-bin ca-certificates nbdkit \
 	&& rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/ldconfig/aux-cache
 COPY --from=build /out/nbd-csi /usr/bin/nbd-csi
 # The controller runs as this user; the node DaemonSet runs as root,

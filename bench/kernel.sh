@@ -15,3 +15,9 @@ echo "|---|---:|---:|---:|"
 go run ./test/vm/cmd/vmrun -timeout 15m -mem 4096 -env NBDCSI_BENCH=1 -gotest ./test/kernel -- \
 	'modprobe nbd nbds_max=128 max_part=0 && /bin/kernel.test -test.run TestKernelBenchStage -test.timeout 14m' \
 	| sed -n 's/^BENCH| /| /p'
+echo
+echo "| block volume, 256 MiB export | plain | encrypted | encrypted/plain |"
+echo "|---|---:|---:|---:|"
+go run ./test/vm/cmd/vmrun -timeout 15m -mem 3072 -env NBDCSI_BENCH=1 -gotest ./test/kernel -- \
+	'modprobe nbd nbds_max=16 max_part=0 && /bin/kernel.test -test.run TestKernelBenchEncrypted -test.timeout 14m' \
+	| sed -n 's/^BENCH| /| /p' | tail -n +2

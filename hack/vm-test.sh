@@ -6,13 +6,15 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 VM_TIMEOUT=${VM_TIMEOUT:-25m}
 # Kernel suites as "package:-test.run pattern": the TestKernel* suites, and
-# csi-sanity with the real node, in-process and against the `nbd-csi serve`
-# binary (ginkgo runs once per process, hence two runs of test/sanity).
+# csi-sanity with the real node, in-process, against the `nbd-csi serve`
+# binary and in-process with encrypted volumes (ginkgo runs once per
+# process, hence three runs of test/sanity).
 suites=(
 	"./pkg/device:^TestKernel"
 	"./test/kernel:^TestKernel"
 	"./test/sanity:^TestSanity\$"
 	"./test/sanity:^TestSanityBinary\$"
+	"./test/sanity:^TestSanityEncrypted\$"
 )
 
 # The plugin binary, for tests that run `nbd-csi serve` as a process.

@@ -11,6 +11,7 @@
 //	nbd-csi exports [--json] [--store-path PATH]  the controller's inventory
 //	nbd-csi version [--json]                 print the version (also: nbd-csi --version)
 //	nbd-csi run-server [flags] -- SERVER ... run an NBD server whose stop drops connections
+//	nbd-csi luks rotate --volume-id ID|--device DEV --old-key-file F --new-key-file F
 //
 // Flags and arguments may come in any order; "--" ends the flags. Exit
 // status: 0 success (and --help), 1 failure, 2 usage error.
@@ -45,6 +46,7 @@ func commands() []command {
 		{"detach", "detach an nbd device", runDetach},
 		{"devices", "list the kernel's nbd devices and who attached them", runDevices},
 		{"exports", "list the controller's export inventory and claims", runExports},
+		{"luks", "rotate the passphrase of an encrypted volume (luks rotate)", runLuks},
 		{"version", "print the version", runVersion},
 		{"run-server", "run an NBD server so that stopping it drops connections instead of failing I/O", runRunServer},
 	}

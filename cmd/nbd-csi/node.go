@@ -16,6 +16,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/nbd-csi/nbd-csi/pkg/attach"
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"github.com/nbd-csi/nbd-csi/pkg/metrics"
@@ -108,7 +109,8 @@ func newNodeService(ctx context.Context, opts driver.NodeOptions, af attachFlags
 		// Keep serving: Probe reports the reason, and the kubelet shows it.
 		klog.FromContext(ctx).Error(err, "Node cannot attach NBD devices")
 	}
-	svc, err := driver.NewNodeService(opts, att, driver.NewNodeMounter())
+	enc := crypt.Volumes{C: crypt.New(crypt.ExecRunner{}, crypt.Options{})}
+	svc, err := driver.NewNodeService(opts, att, driver.NewNodeMounter(), driver.WithEncryption(enc, crypt.SecretKeySource{}))
 	if err != nil {
 		stopAll()
 		return nil, nil, nil, err

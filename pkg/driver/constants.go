@@ -2,6 +2,8 @@
 
 package driver
 
+import "github.com/nbd-csi/nbd-csi/pkg/crypt"
+
 // DefaultDriverName is the CSI driver name unless --driver-name says
 // otherwise.
 const DefaultDriverName = "nbd.csi.nbd-csi.io"
@@ -37,6 +39,11 @@ const (
 	// agree on it; the node ignores it. Up to 253 bytes of letters, digits,
 	// ".", "-", "_", ":".
 	KeyServerID = "serverID"
+	// KeyEncrypted ("true"/"false", default false) stores the volume
+	// LUKS2-encrypted: the node formats a blank export with LUKS2 and
+	// opens it with the passphrase from the node-stage secret key
+	// SecretEncryptionPassphrase.
+	KeyEncrypted = "encrypted"
 )
 
 // Node-stage secret keys (the kubernetes.io/tls convention).
@@ -44,6 +51,9 @@ const (
 	SecretCA   = "ca.crt"
 	SecretCert = "tls.crt"
 	SecretKey  = "tls.key"
+	// SecretEncryptionPassphrase holds the passphrase of an encrypted
+	// volume (exact bytes: a trailing newline is part of it).
+	SecretEncryptionPassphrase = crypt.SecretPassphraseKey
 )
 
 // Filesystem types the node can create.

@@ -307,6 +307,9 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	if err := checkMkfsForCapabilities(p.nodeContext[KeyMkfsOptions], req.GetVolumeCapabilities()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if err := checkEncryption(p, req.GetVolumeCapabilities()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	tls, err := tlsFromSecrets(req.GetSecrets())
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -327,7 +330,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	}
 	writer := writable(req.GetVolumeCapabilities())
 	e, err := s.store.Claim(store.ClaimRequest{
-		VolumeName: name, VolumeID: volumeID(name), Server: p.id, MinSize: uint64(required),
+		VolumeName: name, VolumeID: volumeID(name), Server: p.id, MinSize: claimSize(p, required),
 		VolumeContext: p.volumeContext, Wipe: p.wipe, KeepData: !p.wipe,
 		Fits: func(e *store.Export) bool {
 			if ok, _ := path.Match(p.filter, e.Name); !ok {
@@ -336,7 +339,7 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 			if writer && e.ReadOnly {
 				return false
 			}
-			return limit == 0 || e.Size <= uint64(limit)
+			return limit == 0 || e.Size-claimSize(p, 0) <= uint64(limit)
 		},
 	})
 	var ce *store.CapacityError
@@ -352,8 +355,9 @@ func (s *ControllerService) CreateVolume(ctx context.Context, req *csi.CreateVol
 	case err != nil:
 		return nil, status.Errorf(codes.Internal, "claim: %v", err)
 	}
-	if limit > 0 && e.Size > uint64(limit) {
-		return nil, status.Errorf(codes.AlreadyExists, "volume %s exists with %d bytes, above the limit %d", name, e.Size, limit)
+	usable := usableSize(e.VolumeContext, e.Size)
+	if limit > 0 && usable > uint64(limit) {
+		return nil, status.Errorf(codes.AlreadyExists, "volume %s exists with %d bytes, above the limit %d", name, usable, limit)
 	}
 	logger(ctx).Info("Provisioned", "volume", e.VolumeID, "export", e.Name, "server", e.Server, "bytes", e.Size)
 	return &csi.CreateVolumeResponse{Volume: csiVolume(ctx, e)}, nil
@@ -430,7 +434,7 @@ func (s *ControllerService) DeleteVolume(ctx context.Context, req *csi.DeleteVol
 // capacity is an export's size as CSI's int64, clamped (and logged) for
 // exports of 2^63 bytes or more.
 func capacity(ctx context.Context, e *store.Export) int64 {
-	return clampSize(ctx, "export "+e.Name+" of "+e.Server, e.Size)
+	return clampSize(ctx, "export "+e.Name+" of "+e.Server, usableSize(e.VolumeContext, e.Size))
 }
 
 // clampSize converts a byte count to int64, clamping at math.MaxInt64 and

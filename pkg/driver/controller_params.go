@@ -50,7 +50,7 @@ func parsePoolParams(params map[string]string) (*poolParams, error) {
 		case nodeKeys[k] && k != KeyURI:
 			p.nodeContext[k] = v
 		default:
-			return nil, fmt.Errorf("parameter %q is unknown (known: server, serverID, exportFilter, wipeOnDelete, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions)", k)
+			return nil, fmt.Errorf("parameter %q is unknown (known: server, serverID, exportFilter, wipeOnDelete, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions, encrypted)", k)
 		}
 	}
 	raw := params[ParamServer]

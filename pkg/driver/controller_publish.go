@@ -317,8 +317,10 @@ func (s *ControllerService) ControllerExpandVolume(ctx context.Context, req *csi
 			logger(ctx).V(2).Info("Could not ask the server for the export's size; using the recorded one", "export", e.Name, "err", err)
 		}
 	}
+	// An encrypted volume offers its export minus the LUKS2 header.
+	size = usableSize(e.VolumeContext, size)
 	if uint64(required) > size {
-		return nil, status.Errorf(codes.OutOfRange, "export %s is %d bytes, less than the %d requested: NBD servers cannot be asked to grow an export; grow it on the server, then expand again", e.Name, size, required)
+		return nil, status.Errorf(codes.OutOfRange, "export %s offers %d bytes, less than the %d requested: NBD servers cannot be asked to grow an export; grow it on the server, then expand again", e.Name, size, required)
 	}
 	// Node expansion also for raw block volumes: the kernel device keeps
 	// the size negotiated at attach until NodeExpandVolume renews its

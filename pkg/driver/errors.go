@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
@@ -54,6 +55,11 @@ func classify(err error) codes.Code {
 		return codes.DeadlineExceeded
 	case errors.Is(err, ErrNotAttached):
 		return codes.NotFound
+	case errors.Is(err, crypt.ErrNoKey), errors.Is(err, crypt.ErrBadKey):
+		return codes.InvalidArgument
+	case errors.Is(err, crypt.ErrWrongKey), errors.Is(err, crypt.ErrReadOnly), errors.Is(err, crypt.ErrNotLUKS),
+		errors.Is(err, crypt.ErrBusy), errors.As(err, new(*crypt.ForeignDataError)):
+		return codes.FailedPrecondition
 	}
 	return codes.Internal
 }

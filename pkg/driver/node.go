@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
+
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 )
 
 // NodeOptions configure the node service. Every field is a flag of
@@ -52,12 +54,15 @@ type NodeService struct {
 	// recMu serialises read-modify-write of the records' target lists
 	// (publishes of one volume at two targets run in parallel).
 	recMu sync.Mutex
+	// enc and keys serve encrypted volumes (nil: not supported).
+	enc  VolumeEncryptor
+	keys crypt.KeySource
 }
 
 var _ csi.NodeServer = (*NodeService)(nil)
 
 // NewNodeService builds the node service.
-func NewNodeService(opts NodeOptions, attacher VolumeAttacher, mounter Mounter) (*NodeService, error) {
+func NewNodeService(opts NodeOptions, attacher VolumeAttacher, mounter Mounter, options ...NodeOption) (*NodeService, error) {
 	if opts.NodeID == "" {
 		return nil, fmt.Errorf("node ID is required")
 	}
@@ -75,8 +80,12 @@ func NewNodeService(opts NodeOptions, attacher VolumeAttacher, mounter Mounter) 
 		}
 		opts.PathRoot = filepath.Clean(opts.PathRoot)
 	}
-	return &NodeService{opts: opts, attacher: attacher, mounter: mounter, state: st,
-		volumes: newInflight(), targets: newInflight()}, nil
+	s := &NodeService{opts: opts, attacher: attacher, mounter: mounter, state: st,
+		volumes: newInflight(), targets: newInflight()}
+	for _, o := range options {
+		o(s)
+	}
+	return s, nil
 }
 
 // Ready is the node's part of Probe.

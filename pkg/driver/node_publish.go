@@ -79,7 +79,7 @@ func (s *NodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublis
 	}
 	source := rec.StagingPath
 	if rec.Block {
-		source = att.Device
+		source = s.dataDevice(rec, att.Device)
 		if err := s.mounter.MakeDir(filepath.Dir(target)); err != nil {
 			return nil, status.Errorf(codes.Internal, "create target parent: %v", err)
 		}
@@ -116,11 +116,12 @@ func (s *NodeService) NodePublishVolume(ctx context.Context, req *csi.NodePublis
 
 // ensureStaged checks that the volume's device is attached and, for mount
 // volumes, mounted at the staging path; it re-stages from the record when
-// it can (no TLS material is kept on disk, so TLS volumes cannot be).
+// it can (no TLS material or passphrase is kept on disk, so TLS and
+// encrypted volumes cannot be).
 func (s *NodeService) ensureStaged(ctx context.Context, rec *VolumeRecord) (*Attachment, error) {
 	att, err := s.attacher.Lookup(ctx, rec.VolumeID)
 	if errors.Is(err, ErrNotAttached) {
-		if rec.TLS {
+		if rec.TLS || rec.encrypted() {
 			return nil, status.Errorf(codes.FailedPrecondition, "volume %s lost its device and needs its node-stage secret to re-stage; unstage and stage it again", rec.VolumeID)
 		}
 		params, perr := ParseVolumeContext(rec.VolumeContext)
@@ -139,6 +140,9 @@ func (s *NodeService) ensureStaged(ctx context.Context, rec *VolumeRecord) (*Att
 		}
 	} else if err != nil {
 		return nil, statusError("look up device", err)
+	}
+	if err := s.checkMapping(ctx, rec, att.Device); err != nil {
+		return nil, err
 	}
 	if rec.Block {
 		return att, nil
@@ -163,7 +167,7 @@ func (s *NodeService) ensureStaged(ctx context.Context, rec *VolumeRecord) (*Att
 		if params != nil {
 			mkfs = params.MkfsOptions
 		}
-		if err := s.mountStaging(ctx, att.Device, rec, mkfs); err != nil {
+		if err := s.mountStaging(ctx, s.dataDevice(rec, att.Device), rec, mkfs); err != nil {
 			return nil, err
 		}
 	}

@@ -85,6 +85,9 @@ func (s *NodeService) sweepOrphans(ctx context.Context, seen map[string]time.Tim
 		if _, err := s.state.Get(a.VolumeID); !errors.Is(err, errNoRecord) || mounted[a.Device] {
 			continue
 		}
+		if s.enc != nil && mounted[s.enc.Path(a.VolumeID)] {
+			continue // an encrypted volume's mapping is mounted
+		}
 		current[a.VolumeID] = true
 		first, ok := seen[a.VolumeID]
 		if !ok {
@@ -96,7 +99,12 @@ func (s *NodeService) sweepOrphans(ctx context.Context, seen map[string]time.Tim
 		if now.Sub(first) < s.opts.OrphanGracePeriod || !s.volumes.TryAcquire(a.VolumeID) {
 			continue
 		}
-		err := s.attacher.Detach(ctx, a.VolumeID)
+		// An orphan's LUKS mapping (nothing mounts it) closes first; a
+		// mapping in use keeps the device (close fails as busy).
+		err := s.closeEncrypted(ctx, a.VolumeID)
+		if err == nil {
+			err = s.attacher.Detach(ctx, a.VolumeID)
+		}
 		s.volumes.Release(a.VolumeID)
 		if err != nil {
 			log.Error(err, "Detaching orphan", "volumeID", a.VolumeID, "device", a.Device)

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
@@ -51,6 +52,13 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	}
 	if params.URI.TLS() && tlsOpts == nil {
 		tlsOpts = &nbd.TLSOptions{}
+	}
+	var key []byte
+	if params.Encrypted {
+		if key, err = s.volumeKey(ctx, volumeID, req.GetSecrets()); err != nil {
+			return nil, err
+		}
+		defer crypt.Wipe(key)
 	}
 	// A node whose kernel cannot attach says so at once (the kubelet puts
 	// it in the pod's events) instead of failing deeper with a vaguer error.
@@ -103,10 +111,18 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	if err := s.state.Put(rec); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
+	device := att.Device
+	if params.Encrypted {
+		// A read-only export opens read-only too (and a blank one is refused
+		// with a clear error instead of a failed luksFormat).
+		if device, err = s.openEncrypted(ctx, volumeID, att.Device, key, c.readOnly || att.ReadOnly); err != nil {
+			return nil, err
+		}
+	}
 	if c.block {
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
-	if err := s.mountStaging(ctx, att.Device, rec, params.MkfsOptions); err != nil {
+	if err := s.mountStaging(ctx, device, rec, params.MkfsOptions); err != nil {
 		return nil, err
 	}
 	return &csi.NodeStageVolumeResponse{}, nil
@@ -221,6 +237,9 @@ func (s *NodeService) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstag
 		if err := s.stillMounted(ctx, volumeID); err != nil {
 			return nil, err
 		}
+	}
+	if err := s.closeEncrypted(ctx, volumeID); err != nil {
+		return nil, err
 	}
 	if err := s.attacher.Detach(ctx, volumeID); err != nil {
 		return nil, statusError("detach", err)

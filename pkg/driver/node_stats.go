@@ -75,6 +75,9 @@ func (s *NodeService) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetV
 		h.HealthStatuses = append(h.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_DEGRADED, Reason: "ConnectionDead", Message: att.Condition})
 	}
+	if e := s.mappingHealth(ctx, volumeID, att); e != nil {
+		h.HealthStatuses = append(h.HealthStatuses, e)
+	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: h}, nil
 }
 
@@ -114,14 +117,21 @@ func (s *NodeService) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandV
 	if err != nil {
 		return nil, statusError("resize device", err)
 	}
+	size = usableSize(rec.VolumeContext, size) // an encrypted volume: minus its LUKS2 header
 	if want := req.GetCapacityRange().GetRequiredBytes(); want > 0 && uint64(want) > size {
-		return nil, status.Errorf(codes.OutOfRange, "the export is %d bytes, less than the requested %d: grow the export on the NBD server first", size, want)
+		return nil, status.Errorf(codes.OutOfRange, "the volume offers %d bytes, less than the requested %d: grow the export on the NBD server first", size, want)
+	}
+	if rec.encrypted() {
+		if err := s.resizeEncrypted(ctx, rec); err != nil {
+			return nil, err
+		}
 	}
 	if !rec.Block {
 		att, err := s.attacher.Lookup(ctx, volumeID)
 		if err != nil {
 			return nil, statusError("look up device", err)
 		}
+		att.Device = s.dataDevice(rec, att.Device)
 		mountPath := rec.StagingPath
 		if _, err := os.Stat(path); err == nil {
 			mountPath = path

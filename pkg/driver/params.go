@@ -37,6 +37,8 @@ type VolumeParams struct {
 	BlockSize uint32
 	// MkfsOptions are extra mkfs arguments.
 	MkfsOptions []string
+	// Encrypted puts LUKS2 under the filesystem or block device.
+	Encrypted bool
 }
 
 // nodeKeys are the volume context keys the node understands.
@@ -44,6 +46,7 @@ var nodeKeys = map[string]bool{
 	KeyURI: true, KeyConnections: true, KeyTimeout: true,
 	KeyDeadConnectionTimeout: true, KeyBlockSize: true, KeyMkfsOptions: true,
 	KeyServerID: true, // the controller's (fencing by export); the node ignores it
+	KeyEncrypted: true,
 }
 
 // ParseVolumeContext validates a volume context. Keys containing "/" are
@@ -53,7 +56,7 @@ var nodeKeys = map[string]bool{
 func ParseVolumeContext(vc map[string]string) (*VolumeParams, error) {
 	for k := range vc {
 		if !nodeKeys[k] && !strings.Contains(k, "/") {
-			return nil, fmt.Errorf("volume context: unknown key %q (known: uri, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions, serverID)", k)
+			return nil, fmt.Errorf("volume context: unknown key %q (known: uri, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions, serverID, encrypted)", k)
 		}
 	}
 	p := &VolumeParams{Connections: 1, DeadConnTimeout: defaultDeadConnTmo}
@@ -91,6 +94,13 @@ func ParseVolumeContext(vc map[string]string) (*VolumeParams, error) {
 			return nil, fmt.Errorf("volume context %q: longer than %d bytes", KeyMkfsOptions, maxMkfsOptions)
 		}
 		p.MkfsOptions = strings.Fields(v)
+	}
+	if v, ok := vc[KeyEncrypted]; ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return nil, fmt.Errorf("volume context %q: %q is not true or false", KeyEncrypted, v)
+		}
+		p.Encrypted = b
 	}
 	return p, nil
 }

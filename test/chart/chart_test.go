@@ -312,6 +312,11 @@ func TestChartCustomValues(t *testing.T) {
 			t.Errorf("secure %s reference: %v", k, get(secure, "parameters"))
 		}
 	}
+	enc := objs["StorageClass/encrypted"]
+	if get(enc, "parameters", "encrypted") != "true" || get(enc, "parameters", "csi.storage.k8s.io/node-stage-secret-name") != "luks-${pvc.name}" ||
+		get(enc, "parameters", "csi.storage.k8s.io/node-stage-secret-namespace") != "storage" || get(enc, "parameters", "csi.storage.k8s.io/provisioner-secret-name") != nil {
+		t.Errorf("encrypted StorageClass parameters: %v", get(enc, "parameters"))
+	}
 	if pvc, ok := objs["PersistentVolumeClaim/nbd-csi-controller-store"]; !ok {
 		t.Error("store.type pvc made no PVC")
 	} else if get(pvc, "metadata", "annotations", "helm.sh/resource-policy") != "keep" {

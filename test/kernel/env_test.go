@@ -16,6 +16,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/nbd-csi/nbd-csi/pkg/attach"
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 )
@@ -87,13 +88,19 @@ func (n *node) start() {
 	if err := n.att.Ready(ctx); err != nil {
 		n.t.Fatal(err)
 	}
-	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "vm", KubeletDir: n.kubelet, StateDir: n.stateDir}, n.att, driver.NewNodeMounter())
+	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "vm", KubeletDir: n.kubelet, StateDir: n.stateDir}, n.att, driver.NewNodeMounter(),
+		driver.WithEncryption(crypt.Volumes{C: crypt.New(crypt.ExecRunner{}, testPBKDF)}, crypt.SecretKeySource{}))
 	if err != nil {
 		n.t.Fatal(err)
 	}
 	svc.Start(ctx)
 	n.svc = svc
 }
+
+// testPBKDF fixes the key slots' argon2id cost instead of benchmarking for
+// cryptsetup's 2 s unlock time: under TCG on a shared host the benchmark and
+// each unlock took minutes. The node plugin binary keeps the defaults.
+var testPBKDF = crypt.Options{PBKDFMemoryKiB: 32 << 10, PBKDFIterations: 4}
 
 func (n *node) stop() { n.att.Close() }
 

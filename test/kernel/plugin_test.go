@@ -4,6 +4,7 @@ package kernel
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/nbd-csi/nbd-csi/internal/servers"
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 )
 
@@ -140,11 +142,15 @@ func backendAttached(t *testing.T, id string) bool {
 // so the kill cuts the connection: the new process reconnects it with the
 // TLS material it kept, within the dead-connection timeout.
 func TestKernelPluginKilled(t *testing.T) {
-	t.Run("plain", func(t *testing.T) { pluginKilled(t, false) })
-	t.Run("tls", func(t *testing.T) { pluginKilled(t, true) })
+	t.Run("plain", func(t *testing.T) { pluginKilled(t, false, false) })
+	t.Run("tls", func(t *testing.T) { pluginKilled(t, true, false) })
+	// Encrypted: the LUKS mapping lives in the kernel too; the restarted
+	// plugin finds it by its name (health shows no MappingMissing) and
+	// closes it at unstage.
+	t.Run("encrypted", func(t *testing.T) { pluginKilled(t, false, true) })
 }
 
-func pluginKilled(t *testing.T, useTLS bool) {
+func pluginKilled(t *testing.T, useTLS, encrypted bool) {
 	requireKernel(t)
 	root := t.TempDir()
 	kubelet, state := filepath.Join(root, "kubelet"), filepath.Join(root, "state")
@@ -163,6 +169,10 @@ func pluginKilled(t *testing.T, useTLS bool) {
 	} else {
 		srv := servers.Nbdkit(t, servers.Unix, "file", "file="+img)
 		vc[driver.KeyURI] = srv.URI("")
+	}
+	if encrypted {
+		vc[driver.KeyEncrypted] = "true"
+		secrets = map[string]string{driver.SecretEncryptionPassphrase: "plugin-kill-pass"}
 	}
 	p := startPlugin(t, kubelet, state)
 	ctx := context.Background()
@@ -216,5 +226,8 @@ func pluginKilled(t *testing.T, useTLS bool) {
 	}
 	if backendAttached(t, "nbd-csi:"+vol) {
 		t.Error("device still attached after unstage by the new process")
+	}
+	if _, err := os.Stat(filepath.Join("/dev/mapper", crypt.MapperName(vol))); encrypted && !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the LUKS mapping is still there after unstage by the new process (%v)", err)
 	}
 }

@@ -24,6 +24,8 @@ import (
 	"github.com/nbd-csi/nbd-csi/internal/kubetest"
 	"github.com/nbd-csi/nbd-csi/internal/servers"
 	"github.com/nbd-csi/nbd-csi/pkg/attach"
+	"github.com/nbd-csi/nbd-csi/pkg/crypt"
+	"github.com/nbd-csi/nbd-csi/pkg/crypt/crypttest"
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"github.com/nbd-csi/nbd-csi/pkg/driver/drivertest"
@@ -61,7 +63,7 @@ func startPool(t *testing.T, root string) *servers.Server {
 }
 
 // runSanity runs csi-sanity against endpoint, provisioning from srv.
-func runSanity(t *testing.T, endpoint, kubelet string, srv *servers.Server) {
+func runSanity(t *testing.T, endpoint, kubelet string, srv *servers.Server, encrypted bool) {
 	t.Helper()
 	for _, d := range []string{filepath.Join(kubelet, "pods", "sanity"), filepath.Join(kubelet, "plugins", "sanity")} {
 		if err := os.MkdirAll(d, 0o750); err != nil {
@@ -82,6 +84,16 @@ func runSanity(t *testing.T, endpoint, kubelet string, srv *servers.Server) {
 	cfg.TestVolumeExpandSize = 64 << 20 // exports cannot grow; expanding within the claimed size works
 	cfg.TestVolumeParameters = map[string]string{driver.ParamServer: srv.URI("")}
 	cfg.IdempotentCount = 2
+	if encrypted {
+		// Exports are 64–103 MiB; an encrypted volume needs 16 MiB more
+		// than it offers.
+		cfg.TestVolumeSize, cfg.TestVolumeExpandSize = 48<<20, 48<<20
+		cfg.TestVolumeParameters[driver.KeyEncrypted] = "true"
+		cfg.SecretsFile = filepath.Join(t.TempDir(), "secrets.yaml")
+		if err := os.WriteFile(cfg.SecretsFile, []byte("NodeStageVolumeSecret:\n  encryptionPassphrase: sanity-pass\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	sanity.Test(t, cfg)
 }
 
@@ -97,7 +109,7 @@ func TestSanity(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	sanityInProcess(t, root, st)
+	sanityInProcess(t, root, st, false)
 }
 
 // TestSanityKubeStore runs the driver in-process with the Kubernetes store
@@ -123,10 +135,39 @@ func TestSanityKubeStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sanityInProcess(t, t.TempDir(), st)
+	sanityInProcess(t, t.TempDir(), st, false)
 }
 
-func sanityInProcess(t *testing.T, root string, st store.Store) {
+// TestSanityEncrypted runs the driver in-process with the embedded store
+// and every volume encrypted (real cryptsetup and dm-crypt on the VM's
+// kernel, the stateful cryptsetup fake elsewhere). Ginkgo runs one suite
+// per process, so unless it is the only test run, it re-runs this test
+// binary for itself.
+func TestSanityEncrypted(t *testing.T) {
+	if os.Getenv("NBDCSI_SANITY_CHILD") != "1" {
+		cmd := exec.Command(os.Args[0], "-test.run", "^TestSanityEncrypted$", "-test.v")
+		cmd.Env = append(os.Environ(), "NBDCSI_SANITY_CHILD=1")
+		out, err := cmd.CombinedOutput()
+		for _, line := range bytes.Split(out, []byte("\n")) {
+			if bytes.Contains(line, []byte("Passed")) || bytes.HasPrefix(bytes.TrimSpace(line), []byte("Ran ")) {
+				t.Logf("%s", line)
+			}
+		}
+		if err != nil {
+			t.Fatalf("sanity with encrypted volumes: %v\n%s", err, out)
+		}
+		return
+	}
+	root := t.TempDir()
+	st, err := store.OpenBolt(filepath.Join(root, "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	sanityInProcess(t, root, st, true)
+}
+
+func sanityInProcess(t *testing.T, root string, st store.Store, encrypted bool) {
 	srv := startPool(t, root)
 	ctrl := driver.NewControllerService(driver.ControllerOptions{ScanMaxAge: time.Second}, st, driver.NBDDiscoverer{})
 
@@ -146,8 +187,18 @@ func sanityInProcess(t *testing.T, root string, st store.Store) {
 		att, mnt = fa, drivertest.NewMounter(fa)
 		t.Log("node: stateful fakes (no nbd in this kernel)")
 	}
+	var opts []driver.NodeOption
+	if encrypted {
+		co := crypt.Options{PBKDFMemoryKiB: 32 << 10, PBKDFIterations: 4}
+		var r crypt.Runner = crypt.ExecRunner{}
+		if !kernelAvailable() {
+			co.DevDir = filepath.Join(root, "dev")
+			r = crypttest.NewTools(co.DevDir)
+		}
+		opts = append(opts, driver.WithEncryption(crypt.Volumes{C: crypt.New(r, co)}, crypt.SecretKeySource{}))
+	}
 	node, err := driver.NewNodeService(driver.NodeOptions{NodeID: "sanity-node", KubeletDir: kubelet,
-		PathRoot: kubelet, StateDir: filepath.Join(root, "state")}, att, mnt)
+		PathRoot: kubelet, StateDir: filepath.Join(root, "state")}, att, mnt, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +222,7 @@ func sanityInProcess(t *testing.T, root string, st store.Store) {
 	go func() { done <- d.Serve(ctx, l, time.Second) }()
 	t.Cleanup(func() { cancel(); <-done })
 
-	runSanity(t, endpoint, kubelet, srv)
+	runSanity(t, endpoint, kubelet, srv, encrypted)
 }
 
 // TestSanityBinary runs csi-sanity against an `nbd-csi serve --mode=all`
@@ -205,5 +256,5 @@ func TestSanityBinary(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	runSanity(t, "unix://"+sock, kubelet, srv)
+	runSanity(t, "unix://"+sock, kubelet, srv, false)
 }

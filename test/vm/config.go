@@ -107,10 +107,13 @@ type Config struct {
 }
 
 // DefaultModules returns the kernel modules that every image contains
-// (with their dependencies): nbd, xfs, tls, loop, dm-mod and the
-// accelerated crc32c.
+// (with their dependencies): nbd, xfs, tls, loop, dm-mod, the
+// accelerated crc32c, and dm-crypt with the ciphers the kernel loads on
+// demand for LUKS2's default aes-xts-plain64 (through /sbin/modprobe) and
+// the AF_ALG sockets cryptsetup uses.
 func DefaultModules() []string {
-	return []string{"nbd", "xfs", "libcrc32c", "crc32c-intel", "tls", "loop", "dm-mod"}
+	return []string{"nbd", "xfs", "libcrc32c", "crc32c-intel", "tls", "loop", "dm-mod",
+		"dm-crypt", "xts", "ecb", "aesni-intel", "af_alg", "algif_skcipher", "algif_hash"}
 }
 
 // InVM reports whether the calling process runs inside the rig's VM.

@@ -47,6 +47,10 @@ func DefaultTools() []string {
 		"/usr/bin/mount", "/usr/bin/umount", "/usr/sbin/blkid", "/usr/sbin/blockdev",
 		"/usr/bin/lsblk", "/usr/bin/findmnt", "/usr/sbin/fsfreeze", "/usr/sbin/wipefs",
 		"/usr/sbin/losetup",
+		// Encrypted volumes: cryptsetup, and libgcc_s, which it dlopens
+		// (ldd does not list it; without it cryptsetup aborts in
+		// pthread_exit).
+		"/usr/sbin/cryptsetup", "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1",
 		// coreutils with GNU options.
 		"/usr/bin/dd", "/usr/bin/sha256sum", "/usr/bin/truncate", "/usr/bin/date",
 		"/usr/bin/stat", "/usr/bin/timeout",
@@ -68,6 +72,10 @@ func toolPackage(tool string) string {
 	switch filepath.Base(tool) {
 	case "nbdkit":
 		return "nbdkit"
+	case "cryptsetup":
+		return "cryptsetup-bin"
+	case "libgcc_s.so.1":
+		return "libgcc-s1"
 	case "qemu-nbd", "qemu-img":
 		return "qemu-utils"
 	case "nbd-server":

@@ -30,6 +30,10 @@ type Attacher struct {
 	AttachErr map[string]error
 	// ReadyErr is returned by Ready.
 	ReadyErr error
+	// Persist keeps data like a server does: a volume's device file is
+	// named after its export (Dir/export-NAME) and survives Detach, so a
+	// re-attach sees what was written before.
+	Persist bool
 
 	mu      sync.Mutex
 	devices map[string]*driver.Attachment
@@ -62,7 +66,21 @@ func (a *Attacher) Attach(_ context.Context, spec driver.AttachSpec) (*driver.At
 	}
 	dev := filepath.Join(a.Dir, fmt.Sprintf("nbd%d", a.next))
 	a.next++
-	if err := os.WriteFile(dev, nil, 0o600); err != nil {
+	if a.Persist {
+		dev = filepath.Join(a.Dir, "export-"+spec.URI.Export)
+		f, err := os.OpenFile(dev, os.O_CREATE|os.O_WRONLY, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		st, err := f.Stat()
+		if err == nil && uint64(st.Size()) < size {
+			err = f.Truncate(int64(size))
+		}
+		f.Close()
+		if err != nil {
+			return nil, err
+		}
+	} else if err := os.WriteFile(dev, nil, 0o600); err != nil {
 		return nil, err
 	}
 	att := &driver.Attachment{VolumeID: spec.VolumeID, Device: dev, Size: size, ReadOnly: spec.ReadOnly, Healthy: true}
@@ -106,6 +124,9 @@ func (a *Attacher) Detach(_ context.Context, volumeID string) error {
 	}
 	delete(a.devices, volumeID)
 	a.Log = append(a.Log, "detach "+volumeID)
+	if a.Persist {
+		return nil
+	}
 	return os.Remove(d.Device)
 }
 
