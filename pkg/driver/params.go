@@ -45,7 +45,7 @@ type VolumeParams struct {
 var nodeKeys = map[string]bool{
 	KeyURI: true, KeyConnections: true, KeyTimeout: true,
 	KeyDeadConnectionTimeout: true, KeyBlockSize: true, KeyMkfsOptions: true,
-	KeyServerID: true, // the controller's (fencing by export); the node ignores it
+	KeyServerID:  true, // the controller's (fencing by export); the node ignores it
 	KeyEncrypted: true,
 }
 
