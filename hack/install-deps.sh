@@ -5,7 +5,8 @@
 # (test/e2e/vm/cluster.sh) all call this script.
 #
 # Groups:
-#   vm      the real-kernel VM rig (test/vm): QEMU, busybox, cpio, kmod, and
+#   vm      the real-kernel VM rig (test/vm): QEMU, busybox, cpio, kmod,
+#           cryptsetup (encrypted volumes; pkg/crypt tests it on the host), and
 #           the servers, clients and file system tools copied into the guest
 #   demo    make demo: nbdkit and the VM rig (for hosts without nbd)
 #   test    make test: the VM rig, a C compiler for -race, openssl, etcd
@@ -23,7 +24,7 @@ packages() {
 	vm)
 		echo qemu-system-x86 qemu-utils busybox-static cpio kmod libc-bin \
 			nbdkit nbd-server nbd-client libnbd-bin \
-			e2fsprogs xfsprogs util-linux mount coreutils
+			e2fsprogs xfsprogs util-linux mount coreutils cryptsetup-bin libgcc-s1
 		;;
 	demo)
 		packages vm
