@@ -86,7 +86,8 @@ func TestServeKubeStore(t *testing.T) {
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true))) // the socket may exist a moment before it listens
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,7 +310,8 @@ func TestServeWipesByDefault(t *testing.T) {
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true))) // the socket may exist a moment before it listens
 	if err != nil {
 		t.Fatal(err)
 	}
