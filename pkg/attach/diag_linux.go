@@ -251,20 +251,3 @@ func diagRoundTrip(typ uint16, payload []byte) ([]byte, error) {
 	}
 	return body, nil
 }
-
-// peerHup reports whether the socket of f was shut down in both directions
-// or its connection ended — what the kernel does to a connection it
-// declares dead (and what a closed peer does).
-func peerHup(f *os.File) bool {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return true
-	}
-	hup := false
-	_ = rc.Control(func(fd uintptr) {
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
-		n, err := unix.Poll(pfd, 0)
-		hup = err == nil && n > 0 && pfd[0].Revents&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
-	})
-	return hup
-}

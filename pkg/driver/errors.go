@@ -50,6 +50,8 @@ func classify(err error) codes.Code {
 		return codes.DeadlineExceeded
 	case errors.Is(err, ErrNotAttached):
 		return codes.NotFound
+	case errors.Is(err, ErrAdopting):
+		return codes.Unavailable
 	}
 	return codes.Internal
 }
