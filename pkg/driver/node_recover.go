@@ -5,14 +5,21 @@ package driver
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 )
 
+// adoptParallel bounds how many volumes are adopted at once.
+const adoptParallel = 8
+
 // Start rebuilds the node's knowledge after a (re)start and then looks for
-// orphans until ctx ends:
+// orphans until ctx ends. It returns at once: the plugin serves CSI while
+// this runs in the background.
 //
-//   - every state record whose device is still attached is adopted: its
-//     connection is supervised again (reconnects, health);
+//   - every state record whose device is still attached is adopted (a few
+//     at a time): its connection is supervised again (reconnects, health);
+//     the attacher reconnects in the background for as long as the
+//     server does not answer;
 //   - a device of ours with no state record and no mount is reported, and
 //     detached once it has stayed that way for OrphanGracePeriod (a stage
 //     in progress writes its record right after attaching, so it is never
@@ -20,11 +27,25 @@ import (
 //
 // Devices with a record keep serving throughout; nothing here touches them.
 func (s *NodeService) Start(ctx context.Context) {
+	go func() {
+		s.adoptAll(ctx)
+		if s.opts.OrphanGracePeriod > 0 {
+			s.orphanLoop(ctx)
+		}
+	}()
+}
+
+// adoptAll adopts every state record's device. Each adoption holds the
+// volume's operation lock, so an RPC on that volume meanwhile gets Aborted
+// (and is retried by the kubelet) instead of racing it.
+func (s *NodeService) adoptAll(ctx context.Context) {
 	log := logger(ctx).WithName("recover")
 	recs, errs := s.state.List()
 	for _, err := range errs {
 		log.Error(err, "Unreadable state record")
 	}
+	sem := make(chan struct{}, adoptParallel)
+	var wg sync.WaitGroup
 	for _, r := range recs {
 		params, err := ParseVolumeContext(r.VolumeContext)
 		if err != nil {
@@ -33,19 +54,35 @@ func (s *NodeService) Start(ctx context.Context) {
 		}
 		spec := AttachSpec{VolumeID: r.VolumeID, URI: params.URI, Connections: params.Connections,
 			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: r.ReadOnly}
-		switch err := s.attacher.Adopt(ctx, spec); {
-		case err == nil:
-			log.Info("Adopted attached volume", "volumeID", r.VolumeID)
-		case errors.Is(err, ErrNotAttached):
-			log.Info("Staged volume has no device (node rebooted?); it is re-attached when next published or staged", "volumeID", r.VolumeID)
-		default:
-			log.Error(err, "Adopting volume", "volumeID", r.VolumeID)
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return
 		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			for !s.volumes.TryAcquire(spec.VolumeID) {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			err := s.attacher.Adopt(ctx, spec)
+			s.volumes.Release(spec.VolumeID)
+			switch {
+			case err == nil:
+				log.Info("Adopted attached volume", "volumeID", spec.VolumeID)
+			case errors.Is(err, ErrNotAttached):
+				log.Info("Staged volume has no device (node rebooted?); it is re-attached when next published or staged", "volumeID", spec.VolumeID)
+			default:
+				log.Error(err, "Adopting volume", "volumeID", spec.VolumeID)
+			}
+		}()
 	}
-	if s.opts.OrphanGracePeriod <= 0 {
-		return
-	}
-	go s.orphanLoop(ctx)
+	wg.Wait()
 }
 
 func (s *NodeService) orphanLoop(ctx context.Context) {
