@@ -62,6 +62,10 @@ type Attacher struct {
 	base    context.Context
 	stop    context.CancelFunc
 	hub     *hub
+	// diagUnix and diagTCP tell whether sock_diag answers for the
+	// family; without it nothing the kernel took can be confirmed (see
+	// watch.attempt).
+	diagUnix, diagTCP bool
 
 	mu      sync.Mutex
 	watched map[string]*watch // by volume ID
@@ -96,6 +100,7 @@ func New(ctx context.Context, opts Options) *Attacher {
 func newAttacher(ctx context.Context, opts Options, dev device.Attacher, initErr error) *Attacher {
 	base, stop := context.WithCancel(context.WithoutCancel(ctx))
 	a := &Attacher{opts: opts, dev: dev, initErr: initErr, base: base, stop: stop, watched: map[string]*watch{}}
+	a.diagUnix, a.diagTCP = diagProbe()
 	if dev != nil {
 		rc, _ := dev.(device.Reconnector)
 		a.hub = newHub(base, rc, dev.Status, opts.PollInterval)
@@ -316,10 +321,21 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 			conns[i].handle = handles[i]
 		}
 	}
-	w := a.newWatch(spec, d, conns, true)
+	// Without sock_diag nothing tells a dead connection from a live one:
+	// the connections then count as unknown (LINK_DEAD drives reconnects,
+	// online resize is refused).
+	w := a.newWatch(spec, d, conns, len(ids) > 0 && a.diag(ids[0]))
 	w.size, w.flags, w.flagsKnown = d.SizeBytes, uint16(n.info.Flags), true
 	a.start(w)
 	return a.attachment(spec.VolumeID, *d), nil
+}
+
+// diag reports whether sock_diag answers for id's family.
+func (a *Attacher) diag(id sockID) bool {
+	if id.tcp() {
+		return a.diagTCP
+	}
+	return a.diagUnix
 }
 
 // newWatch returns the watch of an attached device (not started).
@@ -541,7 +557,7 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.Atta
 	renewable := w.complete && len(w.conns) > 0
 	var old []*kconn
 	for _, c := range w.conns {
-		renewable = renewable && c.renewable() && !c.dead()
+		renewable = renewable && a.diag(c.id) && c.renewable() && !w.connDead(c)
 		old = append(old, c)
 	}
 	w.mu.Unlock()
@@ -549,23 +565,38 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.Atta
 		return 0, fmt.Errorf("%w: %s", driver.ErrAdopting, cond)
 	}
 	if !renewable {
-		return 0, fmt.Errorf("%w: online resize of %s must renew every connection of the device, and this plugin instance cannot end all of them (it was restarted since the volume was staged, or a connection was replaced without a handle); unstage and stage the volume to pick up the new size", nbd.ErrNotSupportedByExport, d.Path)
+		return 0, fmt.Errorf("%w: online resize of %s must renew every connection of the device, and this plugin instance cannot end all of them (it was restarted since the volume was staged, a connection was replaced without a handle, or the kernel's sock_diag is unavailable); unstage and stage the volume to pick up the new size", nbd.ErrNotSupportedByExport, d.Path)
+	}
+	// Renew first, resize after: the device never offers space its
+	// connections were not negotiated for. A replacement must offer at
+	// least the new size.
+	w.mu.Lock()
+	w.size, w.flags = info.Size, uint16(info.Flags)
+	w.mu.Unlock()
+	for i, c := range old {
+		if err := c.end(); err != nil {
+			if i == 0 {
+				return 0, fmt.Errorf("%w: cannot end the device's connection %v to renew it for the new size: %w", nbd.ErrNotSupportedByExport, c.id, err)
+			}
+			return 0, fmt.Errorf("renew connection %v: %w", c.id, err)
+		}
+	}
+	w.op.Unlock()
+	w.sub.signal(sigTick, nil)
+	err = w.waitRenewed(ctx, old)
+	w.op.Lock()
+	if err != nil {
+		return 0, err
 	}
 	if err := a.dev.Resize(ctx, d.Index, w.backend, info.Size); err != nil {
 		return 0, err
 	}
-	w.mu.Lock()
-	w.size, w.flags = info.Size, uint16(info.Flags)
-	w.mu.Unlock()
-	for _, c := range old {
-		if err := c.end(); err != nil {
-			return 0, fmt.Errorf("renew connection %v after resize: %w", c.id, err)
-		}
-	}
-	w.op.Unlock()
-	defer w.op.Lock()
-	w.sub.signal(sigTick, nil)
-	// Done when none of the old connections is left and none is dead.
+	return info.Size, nil
+}
+
+// waitRenewed waits until none of old is among the connections and none
+// is dead.
+func (w *watch) waitRenewed(ctx context.Context, old []*kconn) error {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
@@ -574,11 +605,11 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.Atta
 		cond := w.condition
 		w.mu.Unlock()
 		if !left && len(w.deadConns()) == 0 {
-			return info.Size, nil
+			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return 0, fmt.Errorf("reconnect after resize: %w (%s)", ctx.Err(), cond)
+			return fmt.Errorf("reconnect to renew connections: %w (%s)", ctx.Err(), cond)
 		case <-t.C:
 		}
 	}

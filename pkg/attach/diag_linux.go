@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 
@@ -250,4 +251,40 @@ func diagRoundTrip(typ uint16, payload []byte) ([]byte, error) {
 		return nil, nil
 	}
 	return body, nil
+}
+
+// diagProbe reports whether sock_diag answers for unix and for TCP sockets.
+// A family whose handler is not loaded (unix_diag, inet_diag + tcp_diag)
+// answers ENOENT exactly like a socket that does not exist, so each is
+// asked about a socket known to exist and to be open.
+func diagProbe() (unixOK, tcpOK bool) {
+	if fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err == nil {
+		a, b := os.NewFile(uintptr(fds[0]), "probe"), os.NewFile(uintptr(fds[1]), "probe")
+		if id, err := identify(a); err == nil {
+			st, err := diagLookup(id)
+			unixOK = err == nil && st.held && st.live
+		}
+		a.Close()
+		b.Close()
+	}
+	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		c, err := net.Dial("tcp", l.Addr().String())
+		if err == nil {
+			if f, err := c.(*net.TCPConn).File(); err == nil {
+				if id, err := identify(f); err == nil {
+					st, err := diagLookup(id)
+					tcpOK = err == nil && st.held && st.live
+				}
+				f.Close()
+			}
+			c.Close()
+		}
+		l.Close()
+		break
+	}
+	return unixOK, tcpOK
 }

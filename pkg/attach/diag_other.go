@@ -24,3 +24,5 @@ type sockState struct {
 func identify(*os.File) (sockID, error)    { return sockID{}, errDiag }
 func diagLookup(sockID) (sockState, error) { return sockState{}, errDiag }
 func diagDestroy(sockID, [2]uint32) error  { return errDiag }
+
+func diagProbe() (bool, bool) { return false, false }

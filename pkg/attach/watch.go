@@ -43,11 +43,15 @@ func (c *kconn) release() {
 // renewable reports whether this process can end the connection.
 func (c *kconn) renewable() bool { return c.id.tcp() || c.handle != nil || c.relay != nil }
 
-// dead asks the kernel whether the connection has ended; an unanswered
-// question counts as alive (the kernel's LINK_DEAD still reports it).
-func (c *kconn) dead() bool {
+// connDead asks the kernel whether the connection has ended; a question
+// it cannot answer (no sock_diag for the family) counts as alive: the
+// kernel's LINK_DEAD still reports deaths.
+func (w *watch) connDead(c *kconn) bool {
 	if c.relay != nil && c.relay.ended() {
 		return true
+	}
+	if !w.a.diag(c.id) {
+		return false
 	}
 	st, err := diagLookup(c.id)
 	return err == nil && !st.live
@@ -153,8 +157,15 @@ func (w *watch) run(ctx context.Context) {
 	w.mu.Lock()
 	adopting := w.adopting
 	w.mu.Unlock()
-	if adopting && !w.adopt(ctx) {
-		return
+	if adopting {
+		if !w.adopt(ctx) {
+			return
+		}
+		// Adoption just looked at everything a pending signal asks for.
+		if bits, _ := w.sub.take(); bits&sigGone != 0 {
+			w.gone()
+			return
+		}
 	}
 	for {
 		select {
@@ -195,7 +206,7 @@ func (w *watch) deadConns() []*kconn {
 	w.mu.Unlock()
 	var dead []*kconn
 	for _, c := range conns {
-		if c.dead() {
+		if w.connDead(c) {
 			dead = append(dead, c)
 		}
 	}
@@ -339,6 +350,9 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 		f.Close()
 	}
 	n.files = nil
+	if !w.a.diag(ids[0]) {
+		return w.blind(ids, n, handles, probe), nil
+	}
 	var taken []*kconn
 	var drop []*kconn
 	if byRelease {
@@ -389,6 +403,38 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 		return 0, fmt.Errorf("the kernel took none of %d sockets (its connections were not yet marked dead)", len(ids))
 	}
 	return len(taken), nil
+}
+
+// blind ends an attempt when sock_diag cannot say what the kernel took:
+// nothing is recorded (the device's connections become unknown, so online
+// resize is refused) and every descriptor is closed. A relay the kernel
+// did not take ends by itself (its socket pair is freed), one it took
+// keeps serving. It reports one socket taken for a replacement of a dead
+// connection (the kernel had a dead slot), none for a probe.
+func (w *watch) blind(ids []sockID, n *negotiated, handles []*os.File, probe bool) int {
+	closeAll(handles)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.complete = false
+	w.conns = slices.DeleteFunc(w.conns, func(c *kconn) bool {
+		if c.relay != nil && !c.relay.ended() {
+			return false
+		}
+		c.release()
+		return true
+	})
+	for i, id := range ids {
+		if r := n.takeRelay(i); r != nil {
+			w.conns = append(w.conns, &kconn{id: id, relay: r})
+		}
+	}
+	if !w.flagsKnown {
+		w.flags, w.flagsKnown = uint16(n.info.Flags), true
+	}
+	if probe {
+		return 0
+	}
+	return 1
 }
 
 func closeAll(files []*os.File) {

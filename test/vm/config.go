@@ -105,10 +105,11 @@ type Config struct {
 }
 
 // DefaultModules returns the kernel modules that every image contains
-// (with their dependencies): nbd, xfs, tls, loop, dm-mod and the
-// accelerated crc32c.
+// (with their dependencies): nbd, xfs, tls, loop, dm-mod, the accelerated
+// crc32c, and the sock_diag handlers for unix and TCP sockets (the node
+// plugin asks them which sockets the kernel holds).
 func DefaultModules() []string {
-	return []string{"nbd", "xfs", "libcrc32c", "crc32c-intel", "tls", "loop", "dm-mod"}
+	return []string{"nbd", "xfs", "libcrc32c", "crc32c-intel", "tls", "loop", "dm-mod", "unix_diag", "inet_diag", "tcp_diag"}
 }
 
 // InVM reports whether the calling process runs inside the rig's VM.
