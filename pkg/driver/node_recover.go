@@ -74,7 +74,7 @@ func (s *NodeService) adoptAll(ctx context.Context) {
 			s.volumes.Release(spec.VolumeID)
 			switch {
 			case err == nil:
-				log.Info("Adopted attached volume", "volumeID", spec.VolumeID)
+				log.Info("Adopted attached volume; supervision resumed (dead connections are replaced in the background)", "volumeID", spec.VolumeID)
 			case errors.Is(err, ErrNotAttached):
 				log.Info("Staged volume has no device (node rebooted?); it is re-attached when next published or staged", "volumeID", spec.VolumeID)
 			default:
