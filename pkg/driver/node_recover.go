@@ -27,49 +27,55 @@ const adoptParallel = 8
 //
 // Devices with a record keep serving throughout; nothing here touches them.
 func (s *NodeService) Start(ctx context.Context) {
-	go func() {
-		s.adoptAll(ctx)
-		if s.opts.OrphanGracePeriod > 0 {
-			s.orphanLoop(ctx)
-		}
-	}()
-}
-
-// adoptAll adopts every state record's device. Each adoption holds the
-// volume's operation lock, so an RPC on that volume meanwhile gets Aborted
-// (and is retried by the kubelet) instead of racing it.
-func (s *NodeService) adoptAll(ctx context.Context) {
 	log := logger(ctx).WithName("recover")
 	recs, errs := s.state.List()
 	for _, err := range errs {
 		log.Error(err, "Unreadable state record")
 	}
-	sem := make(chan struct{}, adoptParallel)
-	var wg sync.WaitGroup
+	// Every volume to adopt is marked busy before Start returns (before
+	// the node serves): an RPC on it gets Aborted until its adoption has
+	// begun, instead of finding no supervision yet.
+	var specs []AttachSpec
 	for _, r := range recs {
 		params, err := ParseVolumeContext(r.VolumeContext)
 		if err != nil {
 			log.Error(err, "State record with an invalid volume context", "volumeID", r.VolumeID)
 			continue
 		}
-		spec := AttachSpec{VolumeID: r.VolumeID, URI: params.URI, Connections: params.Connections,
-			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: r.ReadOnly}
+		if !s.volumes.TryAcquire(r.VolumeID) {
+			continue // an operation on it is already running: it sees to the device
+		}
+		specs = append(specs, AttachSpec{VolumeID: r.VolumeID, URI: params.URI, Connections: params.Connections,
+			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: r.ReadOnly})
+	}
+	go func() {
+		s.adoptAll(ctx, specs)
+		if s.opts.OrphanGracePeriod > 0 {
+			s.orphanLoop(ctx)
+		}
+	}()
+}
+
+// adoptAll adopts the devices of specs, adoptParallel at a time, releasing
+// each volume's operation lock (taken by Start) once its adoption began.
+func (s *NodeService) adoptAll(ctx context.Context, specs []AttachSpec) {
+	log := logger(ctx).WithName("recover")
+	sem := make(chan struct{}, adoptParallel)
+	var wg sync.WaitGroup
+	for i, spec := range specs {
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
+			for _, rest := range specs[i:] {
+				s.volumes.Release(rest.VolumeID)
+			}
+			wg.Wait()
 			return
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			for !s.volumes.TryAcquire(spec.VolumeID) {
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(100 * time.Millisecond):
-				}
-			}
 			err := s.attacher.Adopt(ctx, spec)
 			s.volumes.Release(spec.VolumeID)
 			switch {

@@ -25,7 +25,7 @@ import (
 )
 
 // expandUntilAdopted calls NodeExpandVolume until the restarted plugin has
-// finished adopting the volume (Unavailable until then).
+// finished adopting the volume (Aborted, then Unavailable until then).
 func expandUntilAdopted(t *testing.T, n *node, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
@@ -33,7 +33,7 @@ func expandUntilAdopted(t *testing.T, n *node, req *csi.NodeExpandVolumeRequest)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		resp, err := n.svc.NodeExpandVolume(ctx, req)
 		cancel()
-		if status.Code(err) != codes.Unavailable || time.Now().After(deadline) {
+		if c := status.Code(err); (c != codes.Unavailable && c != codes.Aborted) || time.Now().After(deadline) {
 			return resp, err
 		}
 		time.Sleep(200 * time.Millisecond)
@@ -82,7 +82,7 @@ func TestKernelExpandAfterRestart(t *testing.T) {
 			}
 			resp, err := expandUntilAdopted(t, n, req)
 			switch {
-			case status.Code(err) == codes.FailedPrecondition:
+			case status.Code(err) == codes.FailedPrecondition && strings.Contains(err.Error(), "cannot end all of them"):
 				t.Logf("refused honestly: %v", err)
 			case err == nil:
 				t.Logf("grew to %d bytes", resp.CapacityBytes)
@@ -198,7 +198,9 @@ func TestKernelRestartDuringOutage(t *testing.T) {
 	kubelet, state := filepath.Join(root, "kubelet"), filepath.Join(root, "state")
 	srv := servers.Nbdkit(t, servers.TCP, "memory", "size=64M")
 	vc := map[string]string{driver.KeyURI: srv.URI(""), driver.KeyTimeout: "5s", driver.KeyDeadConnectionTimeout: "120s"}
+	first := time.Now()
 	p := startPlugin(t, kubelet, state)
+	fresh := time.Since(first)
 	ctx := context.Background()
 	targets := make([]string, count)
 	for i := range count {
@@ -271,9 +273,11 @@ func TestKernelRestartDuringOutage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("restarted plugin does not answer CSI within 1 s: %v", err)
 	}
-	t.Logf("restarted plugin answered CSI %v after start, with %d volumes behind a frozen server", ready, count)
-	if ready > 3*time.Second {
-		t.Errorf("restarted plugin took %v to answer", ready)
+	t.Logf("restarted plugin answered CSI %v after start with %d volumes behind a frozen server (%v when started with none)", ready, count, fresh)
+	// Adopting even one volume before serving would wait for a handshake
+	// timeout (15 s); the machine's own start-up time is the baseline.
+	if ready > fresh+5*time.Second {
+		t.Errorf("restarted plugin took %v to answer (%v with no volumes)", ready, fresh)
 	}
 	time.Sleep(12 * time.Second) // past the 5 s request timeout: connections dead
 	resume()
