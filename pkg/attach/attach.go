@@ -493,8 +493,16 @@ func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 	}
 	if w != nil {
 		if err != nil {
+			// DISCONNECT failed: the device is attached and stays
+			// supervised. Accepted but not yet released: its
+			// connections are gone for good, nothing may reconnect it;
+			// supervision ends when STATUS shows it gone.
 			w.mu.Lock()
-			w.detaching = false
+			if errors.Is(err, device.ErrDisconnectPending) {
+				w.healthy, w.condition = false, "disconnect requested; the device is still held open"
+			} else {
+				w.detaching = false
+			}
 			w.mu.Unlock()
 			w.op.Unlock()
 			return err

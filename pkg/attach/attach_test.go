@@ -623,3 +623,35 @@ func TestWithoutSockDiag(t *testing.T) {
 		t.Fatalf("resize without sock_diag: %v", err)
 	}
 }
+
+// TestDeviceGoneDuringReconnect: a device torn down while its supervisor
+// retries (the server is down) ends supervision at the next STATUS sweep.
+// Before, the reconnect loop went on for ever, RECONFIGUREing a device the
+// kernel no longer had ("not configured, cannot reconfigure").
+func TestDeviceGoneDuringReconnect(t *testing.T) {
+	srv := newServer(t, servers.Unix)
+	k := newFakeKernel(t)
+	p := newPlugin(t, k)
+	if _, err := p.a.Attach(context.Background(), spec(t, srv.URI(""), 1)); err != nil {
+		t.Fatal(err)
+	}
+	srv.Stop()
+	k.kill(0, 0)
+	eventually(t, "degraded", 5*time.Second, func() bool { ok, _ := p.healthy(); return !ok })
+	k.mu.Lock()
+	d := k.devs[0]
+	delete(k.devs, 0)
+	for _, s := range d.slots {
+		s.f.Close()
+	}
+	k.mu.Unlock()
+	w := p.a.watchOf("vol")
+	select {
+	case <-w.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("supervision of a device that is gone goes on")
+	}
+	if _, cond := p.healthy(); cond != "device disconnected" {
+		t.Errorf("condition %q", cond)
+	}
+}

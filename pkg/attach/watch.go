@@ -181,10 +181,24 @@ func (w *watch) run(ctx context.Context) {
 		if bits&sigStatusFailed != 0 {
 			w.emit(device.Event{Kind: device.EventStatusFailed, Err: err})
 		}
-		if bits&(sigLinkDead|sigLost|sigTick) != 0 {
-			w.check(ctx, bits)
+		if bits&(sigLinkDead|sigLost|sigTick) != 0 && !w.check(ctx, bits) {
+			return
 		}
 	}
+}
+
+// stopping reports whether reconnect attempts must stop: the device is
+// gone (STATUS said so meanwhile: supervision ends), or it is being
+// detached (attempts pause; supervision goes on until the detach has
+// succeeded).
+func (w *watch) stopping() (gone, paused bool) {
+	if bits, _ := w.sub.take(); bits&sigGone != 0 {
+		w.gone()
+		return true, false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return false, w.detaching
 }
 
 func (w *watch) gone() {
@@ -218,7 +232,13 @@ func (w *watch) deadConns() []*kconn {
 // after a restart) is offered one connection when notifications may have
 // been lost; the kernel takes it only into a dead slot, and an untaken one
 // is closed at once.
-func (w *watch) check(ctx context.Context, bits int) {
+func (w *watch) check(ctx context.Context, bits int) bool {
+	w.mu.Lock()
+	detaching := w.detaching
+	w.mu.Unlock()
+	if detaching {
+		return true
+	}
 	dead := w.deadConns()
 	w.mu.Lock()
 	complete := w.complete
@@ -230,20 +250,21 @@ func (w *watch) check(ctx context.Context, bits int) {
 			// socket down: look again shortly.
 			time.AfterFunc(200*time.Millisecond, func() { w.sub.signal(sigTick, nil) })
 		}
-		return
+		return true
 	}
 	if len(dead) > 0 || bits&sigLinkDead != 0 {
 		w.emit(device.Event{Kind: device.EventLinkDead})
 		w.setHealth(false, "NBD connection lost; reconnecting")
 	}
-	w.reconnect(ctx, dead, probe)
+	return w.reconnect(ctx, dead, probe)
 }
 
 // reconnect retries until the dead connections are replaced, the device
-// is gone, or ctx ends. After the dead-connection timeout the kernel fails
-// waiting I/O (reported as gave-up), but the device still works once
-// reconnected, so attempts go on, more slowly.
-func (w *watch) reconnect(ctx context.Context, dead []*kconn, probe bool) {
+// is gone (it then returns false: supervision ends), or ctx ends. After the
+// dead-connection timeout the kernel fails waiting I/O (reported as
+// gave-up), but the device still works once reconnected, so attempts go
+// on, more slowly.
+func (w *watch) reconnect(ctx context.Context, dead []*kconn, probe bool) bool {
 	start := time.Now()
 	delay, maxDelay := 100*time.Millisecond, 2*time.Second
 	gaveUp := false
@@ -255,11 +276,15 @@ func (w *watch) reconnect(ctx context.Context, dead []*kconn, probe bool) {
 			}
 			if len(w.deadConns()) == 0 {
 				w.setHealth(true, "")
-				return
+				return true
 			}
 		}
-		if ctx.Err() != nil || errors.Is(err, errStop) {
-			return
+		if ctx.Err() != nil {
+			return false
+		}
+		if errors.Is(err, errStop) {
+			gone, _ := w.stopping()
+			return !gone
 		}
 		if err != nil {
 			w.setHealth(false, fmt.Sprintf("reconnect attempt %d failed: %v", attempt, err))
@@ -275,14 +300,17 @@ func (w *watch) reconnect(ctx context.Context, dead []*kconn, probe bool) {
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return
+			return false
 		case <-t.C:
+		}
+		if gone, paused := w.stopping(); gone || paused {
+			return !gone
 		}
 		delay = min(2*delay, maxDelay)
 		dead = w.deadConns()
 		if len(dead) == 0 && !probe {
 			w.setHealth(true, "")
-			return
+			return true
 		}
 	}
 }
