@@ -295,6 +295,9 @@ func TestKernelRestartDuringOutage(t *testing.T) {
 			t.Errorf("volume %d: I/O failed: %v", i, err)
 		}
 	}
+	if holders := deviceHolders(targets); len(holders) > 0 {
+		t.Logf("processes holding the devices open: %v", holders)
+	}
 	// One connection per volume: nothing leaked by adoption.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -308,4 +311,25 @@ func TestKernelRestartDuringOutage(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// deviceHolders lists processes with a descriptor on one of the paths (or
+// an nbd device node), for diagnosing an unmount that finds it busy.
+func deviceHolders(paths []string) []string {
+	var out []string
+	procs, _ := filepath.Glob("/proc/[0-9]*/fd/*")
+	for _, fd := range procs {
+		l, err := os.Readlink(fd)
+		if err != nil {
+			continue
+		}
+		for _, p := range paths {
+			if l == p || strings.HasPrefix(l, "/dev/nbd") {
+				cmd, _ := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(fd)), "comm"))
+				out = append(out, fmt.Sprintf("%s(%s)→%s", strings.TrimSpace(string(cmd)), fd, l))
+				break
+			}
+		}
+	}
+	return out
 }
