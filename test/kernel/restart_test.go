@@ -245,7 +245,7 @@ func TestKernelRestartDuringOutage(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			fd, err := unix.Open(target, unix.O_RDONLY|unix.O_DIRECT, 0)
+			fd, err := unix.Open(target, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 			if err != nil {
 				errs[i] = err
 				return
