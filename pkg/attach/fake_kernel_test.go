@@ -132,9 +132,8 @@ func (k *fakeKernel) notify(index uint32) {
 // kill makes a slot's connection fail, as a request timeout does.
 func (k *fakeKernel) kill(index uint32, slot int) {
 	k.mu.Lock()
-	f := k.devs[index].slots[slot].f
-	k.mu.Unlock()
-	_ = unix.Shutdown(int(f.Fd()), unix.SHUT_RDWR)
+	defer k.mu.Unlock()
+	_ = unix.Shutdown(int(k.devs[index].slots[slot].f.Fd()), unix.SHUT_RDWR)
 }
 
 // killQuietly marks a slot dead with the notification lost (no plugin was
