@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 
 	"github.com/nbd-csi/nbd-csi/pkg/crypt"
 )
@@ -16,9 +17,12 @@ import (
 // encrypted volume on this node. The old key slot is removed only after
 // the new passphrase is proven to open the header.
 func runLuks(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) == 0 || args[0] != "rotate" {
-		return fmt.Errorf("%w: want 'luks rotate'", errUsage)
-	}
+	const usage = `luks rotate --volume-id ID|--device DEV --old-key-file F --new-key-file F
+
+Replaces the passphrase of an encrypted volume on this node: adds a key slot
+for the new passphrase, proves it opens the volume, then removes the slots
+the old passphrase opens. Key files are read byte for byte; '-' is standard
+input (for one of the two).`
 	fs := flag.NewFlagSet("luks rotate", flag.ContinueOnError)
 	var (
 		dev, volumeID, oldFile, newFile string
@@ -30,7 +34,13 @@ func runLuks(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.StringVar(&newFile, "new-key-file", "", "file holding the new passphrase, exact bytes ('-': standard input)")
 	fs.IntVar(&memory, "pbkdf-memory", crypt.DefaultPBKDFMemoryKiB, "argon2id memory cost of the new key slot in KiB")
 	fs.IntVar(&iterations, "pbkdf-iterations", 0, "argon2id time cost of the new key slot (0: benchmark for cryptsetup's 2 s unlock time)")
-	if err := fs.Parse(args[1:]); err != nil {
+	if len(args) == 0 || args[0] != "rotate" {
+		if slices.Contains(args, "--help") || slices.Contains(args, "-help") || slices.Contains(args, "-h") {
+			return parseFlags(fs, []string{"--help"}, usage)
+		}
+		return fmt.Errorf("%w: want 'luks rotate'", errUsage)
+	}
+	if err := parseFlags(fs, args[1:], usage); err != nil {
 		return err
 	}
 	if (dev == "") == (volumeID == "") || oldFile == "" || newFile == "" || fs.NArg() != 0 {

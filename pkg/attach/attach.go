@@ -61,6 +61,11 @@ type Attacher struct {
 	initErr error
 	base    context.Context
 	stop    context.CancelFunc
+	hub     *hub
+	// diagUnix and diagTCP tell whether sock_diag answers for the
+	// family; without it nothing the kernel took can be confirmed (see
+	// watch.attempt).
+	diagUnix, diagTCP bool
 
 	mu      sync.Mutex
 	watched map[string]*watch // by volume ID
@@ -68,68 +73,7 @@ type Attacher struct {
 
 var _ driver.VolumeAttacher = (*Attacher)(nil)
 
-// watch is one supervised volume.
-type watch struct {
-	cancel    context.CancelFunc
-	done      chan struct{}
-	sup       *device.Supervisor
-	healthy   bool
-	condition string
-	relays    []*relay
-	// socks are duplicates of the sockets the kernel holds. Shutting them
-	// down makes the kernel see its connections die, which is how an
-	// online resize gets connections negotiated for the new size.
-	socks []*os.File
-}
-
-// renew ends the volume's current connections so that supervision replaces
-// them; it reports false when this process holds none (it did not make
-// them).
-func (w *watch) renew() bool {
-	if len(w.socks) == 0 && len(w.relays) == 0 {
-		return false
-	}
-	for _, f := range w.socks {
-		if rc, err := f.SyscallConn(); err == nil {
-			_ = rc.Control(func(fd uintptr) { _ = unix.Shutdown(int(fd), unix.SHUT_RDWR) })
-		}
-		f.Close()
-	}
-	w.socks = nil
-	for _, r := range w.relays {
-		r.close()
-	}
-	w.relays = nil
-	return true
-}
-
-// release closes what the watch holds.
-func (w *watch) release() {
-	for _, f := range w.socks {
-		f.Close()
-	}
-	w.socks = nil
-	for _, r := range w.relays {
-		r.close()
-	}
-	w.relays = nil
-}
-
-// pruneDead closes and drops the sockets whose connection has ended (the
-// kernel shut it down, or the peer closed it), keeping the others.
-func pruneDead(files []*os.File) []*os.File {
-	return slices.DeleteFunc(files, func(f *os.File) bool {
-		pfd := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLRDHUP}}
-		n, err := unix.Poll(pfd, 0)
-		if err != nil || n == 0 || pfd[0].Revents&(unix.POLLHUP|unix.POLLRDHUP|unix.POLLERR|unix.POLLNVAL) == 0 {
-			return false
-		}
-		f.Close()
-		return true
-	})
-}
-
-// keep returns duplicates of files (nil entries for failures).
+// keep returns duplicates of files (fewer on failure).
 func keep(files []*os.File) []*os.File {
 	var out []*os.File
 	for _, f := range files {
@@ -147,19 +91,35 @@ func keep(files []*os.File) []*os.File {
 // module, no privilege) New still succeeds: Ready and Attach report why, so
 // that the plugin can run and say so through Probe.
 func New(ctx context.Context, opts Options) *Attacher {
+	dev, err := device.New(ctx, opts.Device)
+	return newAttacher(ctx, opts, dev, err)
+}
+
+// newAttacher builds an Attacher on a given kernel side (tests pass a
+// fake).
+func newAttacher(ctx context.Context, opts Options, dev device.Attacher, initErr error) *Attacher {
 	base, stop := context.WithCancel(context.WithoutCancel(ctx))
-	a := &Attacher{opts: opts, base: base, stop: stop, watched: map[string]*watch{}}
-	a.dev, a.initErr = device.New(ctx, opts.Device)
+	a := &Attacher{opts: opts, dev: dev, initErr: initErr, base: base, stop: stop, watched: map[string]*watch{}}
+	a.diagUnix, a.diagTCP = diagProbe()
+	if dev != nil {
+		rc, _ := dev.(device.Reconnector)
+		a.hub = newHub(base, rc, dev.Status, opts.PollInterval)
+	}
 	return a
 }
 
-// Close stops supervision. Devices stay attached: they outlive the plugin.
+// Close stops supervision and waits for it. Devices stay attached: they
+// outlive the plugin.
 func (a *Attacher) Close() error {
 	a.stop()
 	a.mu.Lock()
-	defer a.mu.Unlock()
+	ws := make([]*watch, 0, len(a.watched))
 	for _, w := range a.watched {
-		w.cancel()
+		ws = append(ws, w)
+	}
+	a.mu.Unlock()
+	for _, w := range ws {
+		w.stop()
 	}
 	if a.dev != nil {
 		return a.dev.Close()
@@ -204,32 +164,44 @@ func backendID(prefix, volumeID string) string {
 // negotiated is the result of dialling an export for the kernel.
 type negotiated struct {
 	files  []*os.File
-	relays []*relay
+	relays []*relay // relays[i] serves files[i] (TLS), or nil
 	info   nbd.ExportInfo
 }
 
-func (n *negotiated) closeFiles() {
+// takeRelay hands relay i to the caller (closeAll no longer closes it).
+func (n *negotiated) takeRelay(i int) *relay {
+	if i >= len(n.relays) {
+		return nil
+	}
+	r := n.relays[i]
+	n.relays[i] = nil
+	return r
+}
+
+// closeAll closes the sockets and relays nobody took.
+func (n *negotiated) closeAll() {
 	for _, f := range n.files {
 		f.Close()
 	}
 	n.files = nil
+	for _, r := range n.relays {
+		if r != nil {
+			r.close()
+		}
+	}
+	n.relays = nil
 }
 
-// dial negotiates want connections (one unless the export allows
-// multi-conn) with the kernel profile and returns a socket per connection.
-func dial(ctx context.Context, spec driver.AttachSpec) (*negotiated, error) {
-	var opts []nbd.Option
-	if spec.TLS != nil {
-		opts = append(opts, nbd.WithTLS(spec.TLS))
-	}
+// dial negotiates up to limit connections (more than one only if the
+// export allows multi-conn and the volume asks for them) with the kernel
+// profile and returns a socket per connection.
+func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, error) {
+	opts := tlsOpts(spec)
 	n := &negotiated{}
 	ok := false
 	defer func() {
 		if !ok {
-			n.closeFiles()
-			for _, r := range n.relays {
-				r.close()
-			}
+			n.closeAll()
 		}
 	}()
 	want := 1
@@ -242,7 +214,7 @@ func dial(ctx context.Context, spec driver.AttachSpec) (*negotiated, error) {
 		if i == 0 {
 			n.info = info
 			if spec.Connections > 1 && info.Flags.Has(nbd.FlagCanMultiConn) {
-				want = spec.Connections
+				want = min(spec.Connections, limit)
 			}
 		} else if info.Size != n.info.Size || info.Flags != n.info.Flags {
 			c.Close()
@@ -266,6 +238,7 @@ func dial(ctx context.Context, spec driver.AttachSpec) (*negotiated, error) {
 			return nil, err
 		}
 		n.files = append(n.files, f)
+		n.relays = append(n.relays, nil)
 	}
 	ok = true
 	return n, nil
@@ -295,17 +268,37 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	if err := a.Ready(ctx); err != nil {
 		return nil, err
 	}
-	n, err := dial(ctx, spec)
+	n, err := dial(ctx, spec, max(1, spec.Connections))
 	if err != nil {
 		return nil, err
 	}
-	defer n.closeFiles()
+	defer n.closeAll()
 	bs, err := blockSize(spec, n.info)
 	if err != nil {
-		for _, r := range n.relays {
-			r.close()
-		}
 		return nil, err
+	}
+	// Identify the sockets, keep the TLS material and take handles before
+	// the kernel has the device: no failure after a successful attach may
+	// leave it unsupervised.
+	ids := make([]sockID, len(n.files))
+	for i, f := range n.files {
+		id, err := identify(f)
+		if err != nil {
+			return nil, err
+		}
+		ids[i] = id
+	}
+	if spec.TLS != nil {
+		if err := a.saveTLS(spec.VolumeID, spec.TLS); err != nil {
+			return nil, err
+		}
+	}
+	var handles []*os.File
+	if len(ids) > 0 && !ids[0].tcp() {
+		if handles = keep(n.files); len(handles) != len(n.files) {
+			closeAll(handles)
+			return nil, errors.New("duplicating sockets failed")
+		}
 	}
 	cfg := device.Config{
 		Sockets: n.files, SizeBytes: n.info.Size, BlockSize: bs, ServerFlags: uint16(n.info.Flags),
@@ -314,83 +307,92 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	}
 	d, err := a.dev.Attach(ctx, cfg)
 	if err != nil {
-		for _, r := range n.relays {
-			r.close()
+		closeAll(handles)
+		if !errors.Is(err, device.ErrAlreadyAttached) {
+			a.removeTLS(spec.VolumeID)
 		}
 		return nil, err
 	}
-	if spec.TLS != nil {
-		if err := a.saveTLS(spec.VolumeID, spec.TLS); err != nil {
-			return nil, err
+	// CONNECT takes every socket it is given.
+	conns := make([]*kconn, len(ids))
+	for i, id := range ids {
+		conns[i] = &kconn{id: id, relay: n.takeRelay(i)}
+		if handles != nil {
+			conns[i].handle = handles[i]
 		}
 	}
-	a.supervise(spec, d, n.info, n.relays, keep(n.files))
+	// Without sock_diag nothing tells a dead connection from a live one:
+	// the connections then count as unknown (LINK_DEAD drives reconnects,
+	// online resize is refused).
+	w := a.newWatch(spec, d, conns, len(ids) > 0 && a.diag(ids[0]))
+	w.size, w.flags, w.flagsKnown = d.SizeBytes, uint16(n.info.Flags), true
+	a.start(w)
 	return a.attachment(spec.VolumeID, *d), nil
 }
 
-// Adopt resumes supervision of a volume attached by an earlier process (the
-// node service calls it at start for every state record) and replaces any
-// connection that died meanwhile.
+// diag reports whether sock_diag answers for id's family.
+func (a *Attacher) diag(id sockID) bool {
+	if id.tcp() {
+		return a.diagTCP
+	}
+	return a.diagUnix
+}
+
+// newWatch returns the watch of an attached device (not started).
+func (a *Attacher) newWatch(spec driver.AttachSpec, d *device.Device, conns []*kconn, complete bool) *watch {
+	_, canReconnect := a.dev.(device.Reconnector)
+	return &watch{a: a, spec: spec, index: d.Index, backend: a.BackendID(spec.VolumeID), devSize: d.SizeBytes,
+		done: make(chan struct{}), healthy: true, conns: conns, complete: complete, size: d.SizeBytes,
+		supervised: canReconnect && !d.ProcessBound() && spec.DeadConnTimeout > 0}
+}
+
+// start registers w as its volume's watch, replacing (and stopping) an
+// earlier one, and starts its goroutine if the device can be supervised.
+func (a *Attacher) start(w *watch) {
+	a.mu.Lock()
+	old := a.watched[w.spec.VolumeID]
+	a.watched[w.spec.VolumeID] = w
+	a.mu.Unlock()
+	if old != nil {
+		old.stop()
+		old.release()
+	}
+	if !w.supervised {
+		close(w.done)
+		w.cancel = func() {}
+		return
+	}
+	ctx, cancel := context.WithCancel(a.base)
+	w.cancel = cancel
+	w.sub = a.hub.subscribe(w.index)
+	go w.run(ctx)
+}
+
+// Adopt resumes supervision of a volume attached by an earlier process
+// (the node service calls it at start for every state record). It returns
+// at once: reconnecting what died meanwhile, and learning the export,
+// happen in the background, for as long as the server does not answer;
+// until then Resize answers ErrAdopting.
 func (a *Attacher) Adopt(ctx context.Context, spec driver.AttachSpec) error {
 	if err := a.Ready(ctx); err != nil {
 		return err
 	}
 	d, err := a.dev.FindByBackend(ctx, a.BackendID(spec.VolumeID))
+	if errors.Is(err, device.ErrNotFound) {
+		return fmt.Errorf("%w: %w", driver.ErrNotAttached, err)
+	}
 	if err != nil {
 		return err
 	}
 	if spec.TLS == nil {
 		spec.TLS = a.loadTLS(spec.VolumeID)
 	}
-	// Learn the export's flags; supervision insists a reconnected export
-	// matches them. If the server is down right now, the probe is retried
-	// in the background before supervision starts.
-	info, err := nbd.Probe(ctx, spec.URI, tlsOpts(spec)...)
-	if err != nil {
-		a.adoptLater(spec, d)
-		return fmt.Errorf("adopted nbd%d, but the export is unreachable for now (will retry): %w", d.Index, err)
-	}
-	a.supervise(spec, d, *info, nil, nil)
-	// Link-dead notifications sent while no plugin ran are lost, and the
-	// relays of TLS volumes died with the previous process: offer fresh
-	// connections now. The kernel only fills dead slots, so for a healthy
-	// device this costs one connection to the server and changes nothing.
-	return a.reconnectNow(ctx, spec, d, *info)
-}
-
-// adoptLater probes the export with backoff until it answers, then starts
-// supervision (and replaces dead connections).
-func (a *Attacher) adoptLater(spec driver.AttachSpec, d *device.Device) {
-	a.mu.Lock()
-	a.watched[spec.VolumeID] = &watch{cancel: func() {}, done: closedChan(), healthy: false,
-		condition: "adopted after a plugin restart; the NBD server does not answer yet"}
-	a.mu.Unlock()
-	go func() {
-		delay := time.Second
-		for {
-			select {
-			case <-a.base.Done():
-				return
-			case <-time.After(delay):
-			}
-			delay = min(2*delay, 30*time.Second)
-			ctx, cancel := context.WithTimeout(a.base, 30*time.Second)
-			info, err := nbd.Probe(ctx, spec.URI, tlsOpts(spec)...)
-			if err == nil {
-				a.supervise(spec, d, *info, nil, nil)
-				_ = a.reconnectNow(ctx, spec, d, *info)
-				cancel()
-				return
-			}
-			cancel()
-		}
-	}()
-}
-
-func closedChan() chan struct{} {
-	c := make(chan struct{})
-	close(c)
-	return c
+	// The connections of the earlier process are the kernel's; this
+	// process knows none of them.
+	w := a.newWatch(spec, d, nil, false)
+	w.adopting = w.supervised
+	a.start(w)
+	return nil
 }
 
 func tlsOpts(spec driver.AttachSpec) []nbd.Option {
@@ -400,162 +402,41 @@ func tlsOpts(spec driver.AttachSpec) []nbd.Option {
 	return []nbd.Option{nbd.WithTLS(spec.TLS)}
 }
 
-// reconnectNow hands fresh sockets to a device whose connections are known
-// to be dead. The kernel only fills dead slots, so this is safe if some are
-// alive.
-func (a *Attacher) reconnectNow(ctx context.Context, spec driver.AttachSpec, d *device.Device, info nbd.ExportInfo) error {
-	n, err := dial(ctx, spec)
-	if err != nil {
-		return err
-	}
-	defer n.closeFiles()
-	if err := a.dev.Reconfigure(ctx, d.Index, device.Reconfig{BackendID: a.BackendID(spec.VolumeID), Sockets: n.files}); err != nil {
-		for _, r := range n.relays {
-			r.close()
-		}
-		return err
-	}
-	a.mu.Lock()
-	if w := a.watched[spec.VolumeID]; w != nil {
-		w.relays = append(w.relays, n.relays...)
-		w.socks = append(pruneDead(w.socks), keep(n.files)...)
-	}
-	a.mu.Unlock()
-	return nil
-}
-
-// supervise starts reconnect supervision for a netlink device. ioctl
-// devices live only as long as this process and cannot be reconfigured.
-func (a *Attacher) supervise(spec driver.AttachSpec, d *device.Device, info nbd.ExportInfo, relays []*relay, socks []*os.File) {
-	rc, ok := a.dev.(device.Reconnector)
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if old := a.watched[spec.VolumeID]; old != nil {
-		old.cancel()
-		old.release()
-	}
-	ctx, cancel := context.WithCancel(a.base)
-	w := &watch{cancel: cancel, done: make(chan struct{}), healthy: true, relays: relays, socks: socks}
-	a.watched[spec.VolumeID] = w
-	if !ok || d.ProcessBound() || spec.DeadConnTimeout <= 0 {
-		close(w.done)
-		return
-	}
-	flags := uint16(info.Flags)
-	sup, err := device.NewSupervisor(rc, device.SupervisorConfig{
-		Index: d.Index, BackendID: a.BackendID(spec.VolumeID), SizeBytes: d.SizeBytes, ServerFlags: flags,
-		DeadConnTimeout: spec.DeadConnTimeout, PollInterval: a.opts.PollInterval,
-		Redial: func(ctx context.Context) ([]*os.File, uint64, uint16, error) {
-			n, err := dial(ctx, spec)
-			if err != nil {
-				return nil, 0, 0, err
-			}
-			// A relay of a refused redial ends by itself when the
-			// Supervisor closes its kernel side.
-			a.mu.Lock()
-			w.relays = append(w.relays, n.relays...)
-			a.mu.Unlock()
-			files := n.files
-			n.files = nil
-			return files, n.info.Size, uint16(n.info.Flags), nil
-		},
-		// Only what the kernel took is kept (a refused redial's
-		// connections must close), and what died is let go: without
-		// that every reconnect would leave a socket open.
-		Handed: func(socks []*os.File) {
-			a.mu.Lock()
-			defer a.mu.Unlock()
-			w.socks = append(pruneDead(w.socks), keep(socks)...)
-			w.relays = slices.DeleteFunc(w.relays, (*relay).ended)
-		},
-		OnEvent: func(e device.Event) {
-			a.event(w, e)
-			if a.opts.OnEvent != nil {
-				a.opts.OnEvent(spec.VolumeID, e)
-			}
-		},
-	})
-	if err != nil {
-		w.healthy, w.condition = false, "cannot supervise: "+err.Error()
-		close(w.done)
-		return
-	}
-	w.sup = sup
-	go func() {
-		defer close(w.done)
-		_ = sup.Run(ctx)
-	}()
-}
-
 // Health counts the attached volumes this process supervises: healthy, and
 // degraded (connection lost, reconnecting, or given up).
 func (a *Attacher) Health() (healthy, degraded int) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
+	ws := make([]*watch, 0, len(a.watched))
 	for _, w := range a.watched {
+		ws = append(ws, w)
+	}
+	a.mu.Unlock()
+	for _, w := range ws {
+		w.mu.Lock()
 		if w.healthy {
 			healthy++
 		} else {
 			degraded++
 		}
+		w.mu.Unlock()
 	}
 	return healthy, degraded
 }
 
-// event turns supervision events into the volume's health.
-func (a *Attacher) event(w *watch, e device.Event) {
+func (a *Attacher) watchOf(volumeID string) *watch {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	switch e.Kind {
-	case device.EventLinkDead:
-		w.healthy, w.condition = false, "NBD connection lost; reconnecting"
-	case device.EventRedialFailed, device.EventReconfigureFailed, device.EventExportChanged:
-		w.healthy, w.condition = false, fmt.Sprintf("reconnect attempt %d failed: %v", e.Attempt, e.Err)
-	case device.EventReconnected:
-		w.healthy, w.condition = true, ""
-	case device.EventGaveUp:
-		w.healthy, w.condition = false, "gave up reconnecting: "+e.Err.Error()
-	case device.EventDeviceGone:
-		w.healthy, w.condition = false, "device disconnected"
-	}
+	return a.watched[volumeID]
 }
 
 func (a *Attacher) attachment(volumeID string, d device.Device) *driver.Attachment {
 	att := &driver.Attachment{VolumeID: volumeID, Device: d.Path, Size: d.SizeBytes, ReadOnly: d.ReadOnly, Healthy: true}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if w := a.watched[volumeID]; w != nil {
+	if w := a.watchOf(volumeID); w != nil && w.index == d.Index {
+		w.mu.Lock()
 		att.Healthy, att.Condition = w.healthy, w.condition
+		w.mu.Unlock()
 	}
 	return att
-}
-
-// waitHealthy waits until supervision reports the volume reconnected.
-func (a *Attacher) waitHealthy(ctx context.Context, volumeID string) error {
-	// Give the kernel a moment to notice the dead link first.
-	t := time.NewTicker(100 * time.Millisecond)
-	defer t.Stop()
-	sawDead := false
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		a.mu.Lock()
-		w := a.watched[volumeID]
-		healthy, cond := w != nil && w.healthy, ""
-		if w != nil {
-			cond = w.condition
-		}
-		a.mu.Unlock()
-		if !healthy {
-			sawDead = true
-		}
-		if healthy && (sawDead || time.Now().After(deadline)) {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (%s)", ctx.Err(), cond)
-		case <-t.C:
-		}
-	}
 }
 
 // Lookup finds the volume's device by its backend identifier.
@@ -591,25 +472,49 @@ func (a *Attacher) List(ctx context.Context) ([]driver.Attachment, error) {
 	return out, nil
 }
 
-// Detach stops supervision and disconnects the volume's device.
+// Detach disconnects the volume's device. Supervision goes on until the
+// kernel has confirmed the disconnect (it ends any adoption or reconnect
+// in progress first, so that nothing hands the device new sockets); if
+// DISCONNECT fails, the volume stays supervised.
 func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 	if err := a.Ready(ctx); err != nil {
 		return err
 	}
-	a.mu.Lock()
-	w := a.watched[volumeID]
-	delete(a.watched, volumeID)
-	a.mu.Unlock()
+	w := a.watchOf(volumeID)
 	if w != nil {
-		w.cancel()
-		<-w.done
+		w.mu.Lock()
+		w.detaching = true
+		w.mu.Unlock()
+		w.op.Lock()
 	}
 	err := a.dev.DetachBackend(ctx, a.BackendID(volumeID))
-	if w != nil {
-		w.release()
-	}
 	if errors.Is(err, device.ErrNotFound) {
 		err = nil
+	}
+	if w != nil {
+		if err != nil {
+			// DISCONNECT failed: the device is attached and stays
+			// supervised. Accepted but not yet released: its
+			// connections are gone for good, nothing may reconnect it;
+			// supervision ends when STATUS shows it gone.
+			w.mu.Lock()
+			if errors.Is(err, device.ErrDisconnectPending) {
+				w.healthy, w.condition = false, "disconnect requested; the device is still held open"
+			} else {
+				w.detaching = false
+			}
+			w.mu.Unlock()
+			w.op.Unlock()
+			return err
+		}
+		w.op.Unlock()
+		a.mu.Lock()
+		if a.watched[volumeID] == w {
+			delete(a.watched, volumeID)
+		}
+		a.mu.Unlock()
+		w.stop()
+		w.release()
 	}
 	if err == nil {
 		a.removeTLS(volumeID)
@@ -618,6 +523,13 @@ func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 }
 
 // Resize asks the server for the export size and resizes the device.
+// Servers fix an export's size when a connection is negotiated, so every
+// connection of the device must then be renewed: that is done only when
+// this process knows and can end each of the kernel's connections (it made
+// them; TCP ones are ended through sock_diag). Otherwise — a volume
+// adopted after a plugin restart, a unix-socket connection the kernel took
+// from a later process — the answer is nbd.ErrNotSupportedByExport
+// (FailedPrecondition) and the device keeps its size.
 func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.AttachSpec) (uint64, error) {
 	if err := a.Ready(ctx); err != nil {
 		return 0, err
@@ -642,25 +554,71 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, spec driver.Atta
 	if info.Size < d.SizeBytes {
 		return 0, fmt.Errorf("%w: the export shrank from %d to %d bytes; refusing to shrink the device", nbd.ErrNotSupportedByExport, d.SizeBytes, info.Size)
 	}
-	// Servers fix an export's size when a connection is negotiated, so the
-	// device's connections must be renewed for the new space to be
-	// usable. Only connections this process made can be ended.
-	a.mu.Lock()
-	w := a.watched[volumeID]
-	canRenew := w != nil && w.sup != nil && (len(w.socks) > 0 || len(w.relays) > 0)
-	a.mu.Unlock()
-	if !canRenew {
-		return 0, fmt.Errorf("%w: online resize of %s needs connections made by this plugin instance; unstage and stage the volume to pick up the new size", nbd.ErrNotSupportedByExport, d.Path)
+	w := a.watchOf(volumeID)
+	if w == nil || !w.supervised || w.index != d.Index {
+		return 0, fmt.Errorf("%w: online resize of %s needs a supervised netlink device; unstage and stage the volume to pick up the new size", nbd.ErrNotSupportedByExport, d.Path)
 	}
-	if err := a.dev.Resize(ctx, d.Index, a.BackendID(volumeID), info.Size); err != nil {
+	w.op.Lock()
+	defer w.op.Unlock()
+	w.mu.Lock()
+	adopting, cond := w.adopting, w.condition
+	renewable := w.complete && len(w.conns) > 0
+	var old []*kconn
+	for _, c := range w.conns {
+		renewable = renewable && a.diag(c.id) && c.renewable() && !w.connDead(c)
+		old = append(old, c)
+	}
+	w.mu.Unlock()
+	if adopting {
+		return 0, fmt.Errorf("%w: %s", driver.ErrAdopting, cond)
+	}
+	if !renewable {
+		return 0, fmt.Errorf("%w: online resize of %s must renew every connection of the device, and this plugin instance cannot end all of them (it was restarted since the volume was staged, a connection was replaced without a handle, or the kernel's sock_diag is unavailable); unstage and stage the volume to pick up the new size", nbd.ErrNotSupportedByExport, d.Path)
+	}
+	// Renew first, resize after: the device never offers space its
+	// connections were not negotiated for. A replacement must offer at
+	// least the new size.
+	w.mu.Lock()
+	w.size, w.flags = info.Size, uint16(info.Flags)
+	w.mu.Unlock()
+	for i, c := range old {
+		if err := c.end(); err != nil {
+			if i == 0 {
+				return 0, fmt.Errorf("%w: cannot end the device's connection %v to renew it for the new size: %w", nbd.ErrNotSupportedByExport, c.id, err)
+			}
+			return 0, fmt.Errorf("renew connection %v: %w", c.id, err)
+		}
+	}
+	w.op.Unlock()
+	w.sub.signal(sigTick, nil)
+	err = w.waitRenewed(ctx, old)
+	w.op.Lock()
+	if err != nil {
 		return 0, err
 	}
-	a.mu.Lock()
-	w.sup.SetExport(info.Size, uint16(info.Flags))
-	w.renew()
-	a.mu.Unlock()
-	if err := a.waitHealthy(ctx, volumeID); err != nil {
-		return 0, fmt.Errorf("reconnect after resize: %w", err)
+	if err := a.dev.Resize(ctx, d.Index, w.backend, info.Size); err != nil {
+		return 0, err
 	}
 	return info.Size, nil
+}
+
+// waitRenewed waits until none of old is among the connections and none
+// is dead.
+func (w *watch) waitRenewed(ctx context.Context, old []*kconn) error {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		w.mu.Lock()
+		left := slices.ContainsFunc(w.conns, func(c *kconn) bool { return slices.Contains(old, c) })
+		cond := w.condition
+		w.mu.Unlock()
+		if !left && len(w.deadConns()) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("reconnect to renew connections: %w (%s)", ctx.Err(), cond)
+		case <-t.C:
+		}
+	}
 }

@@ -220,3 +220,10 @@ func validBackendID(id string, required bool) error {
 	}
 	return nil
 }
+
+// SameKernelFlags reports whether two exports' transmission flags agree on
+// every bit that changes what the kernel sends (HAS_FLAGS, READ_ONLY,
+// SEND_FLUSH, SEND_FUA, ROTATIONAL, SEND_TRIM, SEND_WRITE_ZEROES,
+// CAN_MULTI_CONN): a reconnect to an export that differs there must be
+// refused.
+func SameKernelFlags(a, b uint16) bool { return a&kernelFlags == b&kernelFlags }

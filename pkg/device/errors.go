@@ -52,6 +52,10 @@ var (
 	ErrReconnectTimeout = errors.New("reconnect window expired")
 	// ErrDeviceGone means a supervised device is no longer connected.
 	ErrDeviceGone = errors.New("device no longer connected")
+	// ErrDisconnectPending means the kernel accepted a disconnect but the
+	// device was not released in time (something still holds it open):
+	// its connections are ended and it must not be reconnected.
+	ErrDisconnectPending = errors.New("disconnect requested, device not yet released")
 )
 
 // kernelError wraps a kernel errno with the operation and, where one

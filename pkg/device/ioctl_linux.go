@@ -109,16 +109,18 @@ func (x *Ioctl) Attach(ctx context.Context, cfg Config) (*Device, error) {
 		state := fmt.Sprintf("pid %d, %d sectors of %d, node %v", pid, sectors, c.expectedSectors, isDevice(path))
 		return pid != 0 && c.sizeShown(sectors) && isDevice(path), state, nil
 	})
+	var d Device
+	if err == nil {
+		d, err = x.fs.device(x.opts.DevRoot, r.index)
+	}
 	if err != nil {
+		// NBD_DO_IT is running: every failure from here on must stop the
+		// device, or it would stay attached with nobody knowing of it.
 		cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), x.opts.WaitTimeout)
 		defer ccancel()
 		if derr := x.Detach(cctx, r.index); derr != nil {
 			return nil, fmt.Errorf("%w (and detaching it again: %w)", err, derr)
 		}
-		return nil, err
-	}
-	d, err := x.fs.device(x.opts.DevRoot, r.index)
-	if err != nil {
 		return nil, err
 	}
 	d.Connected = true

@@ -43,6 +43,8 @@ type fakeIoctl struct {
 	flags   map[string]uintptr
 	// errs fails an operation on a device: "nbd1 NBD_SET_FLAGS" → errno.
 	errs map[string]syscall.Errno
+	// afterStart, if set, runs once NBD_DO_IT has started a device.
+	afterStart func(index uint32)
 }
 
 func newFakeIoctl(tree *fakeTree) *fakeIoctl {
@@ -127,6 +129,9 @@ func (f *fakeIoctl) Ioctl(fd int, req uint, arg uintptr) error {
 		stop := make(chan struct{})
 		f.running[dev] = stop
 		f.tree.start(index, 777, f.blocks[dev]*f.blksize[dev], f.blksize[dev], "", f.flags[dev]&uintptr(flagReadOnly) != 0)
+		if f.afterStart != nil {
+			f.afterStart(index)
+		}
 		f.mu.Unlock()
 		<-stop
 		f.mu.Lock()
@@ -310,6 +315,22 @@ func TestIoctlAttachErrors(t *testing.T) {
 		_, err := x.Attach(ctx, Config{Sockets: socketFiles(t, 1), SizeBytes: 1 << 20})
 		if !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "NBD_DO_IT") {
 			t.Fatalf("got %v", err)
+		}
+	})
+	// A sysfs read failing after NBD_DO_IT started the device must not
+	// leave it running with nobody knowing about it.
+	t.Run("sysfs read fails after start", func(t *testing.T) {
+		tree, f, x := ioctlTree(t, 1)
+		f.afterStart = func(i uint32) { tree.write(tree.blockFile(i, "ro"), "not-a-number\n") }
+		_, err := x.Attach(ctx, Config{Sockets: socketFiles(t, 1), SizeBytes: 1 << 20})
+		if err == nil {
+			t.Fatal("attach succeeded over an unreadable sysfs file")
+		}
+		f.mu.Lock()
+		running := len(f.running)
+		f.mu.Unlock()
+		if running != 0 || tree.started(0) {
+			t.Fatalf("attach failed (%v) but left nbd0 running", err)
 		}
 	})
 	t.Run("reconfigure unsupported", func(t *testing.T) {

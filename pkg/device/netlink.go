@@ -215,7 +215,10 @@ func (n *Netlink) Detach(ctx context.Context, index uint32) error {
 		}
 		return kernelError(fmt.Sprintf("netlink disconnect nbd%d", index), err)
 	}
-	return n.waitReleased(ctx, index)
+	if err := n.waitReleased(ctx, index); err != nil {
+		return fmt.Errorf("%w: %w", ErrDisconnectPending, err)
+	}
+	return nil
 }
 
 func (n *Netlink) waitReleased(ctx context.Context, index uint32) error {

@@ -66,10 +66,6 @@ type SupervisorConfig struct {
 	// OnEvent, if set, receives every Event, synchronously from Run's
 	// goroutine; it must not block for long.
 	OnEvent func(Event)
-	// Handed, if set, is called with the sockets of a redial the kernel
-	// took, before the Supervisor closes its copies: the place to keep
-	// duplicates. Sockets of a refused redial are only closed.
-	Handed func(sockets []*os.File)
 }
 
 // EventKind classifies a supervisor Event.
@@ -333,8 +329,7 @@ func (s *Supervisor) attempt(ctx context.Context, attempt int) error {
 		s.emit(Event{Kind: EventReconfigureFailed, Attempt: attempt, Err: err})
 		return err
 	}
-	if s.cfg.Handed != nil {
-		s.cfg.Handed(socks)
-	}
+	// RECONFIGURE does not say which sockets the kernel took (none, if
+	// no slot was dead): the Supervisor keeps none of them.
 	return nil
 }

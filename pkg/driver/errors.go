@@ -60,6 +60,8 @@ func classify(err error) codes.Code {
 	case errors.Is(err, crypt.ErrWrongKey), errors.Is(err, crypt.ErrReadOnly), errors.Is(err, crypt.ErrNotLUKS),
 		errors.Is(err, crypt.ErrBusy), errors.As(err, new(*crypt.ForeignDataError)):
 		return codes.FailedPrecondition
+	case errors.Is(err, ErrAdopting):
+		return codes.Unavailable
 	}
 	return codes.Internal
 }

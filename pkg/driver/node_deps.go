@@ -50,6 +50,11 @@ type Attachment struct {
 // device on this node.
 var ErrNotAttached = errors.New("volume is not attached on this node")
 
+// ErrAdopting is returned for a volume whose device a restarted plugin is
+// still adopting (reconnecting to its server); the operation can be retried
+// (Unavailable).
+var ErrAdopting = errors.New("volume is being adopted after a plugin restart")
+
 // VolumeAttacher is the kernel side of the node service: negotiate with the
 // server and attach, find, resize and detach devices. The real one is
 // pkg/attach; tests use a stateful fake.

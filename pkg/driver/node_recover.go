@@ -5,14 +5,21 @@ package driver
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 )
 
+// adoptParallel bounds how many volumes are adopted at once.
+const adoptParallel = 8
+
 // Start rebuilds the node's knowledge after a (re)start and then looks for
-// orphans until ctx ends:
+// orphans until ctx ends. It returns at once: the plugin serves CSI while
+// this runs in the background.
 //
-//   - every state record whose device is still attached is adopted: its
-//     connection is supervised again (reconnects, health);
+//   - every state record whose device is still attached is adopted (a few
+//     at a time): its connection is supervised again (reconnects, health);
+//     the attacher reconnects in the background for as long as the
+//     server does not answer;
 //   - a device of ours with no state record and no mount is reported, and
 //     detached once it has stayed that way for OrphanGracePeriod (a stage
 //     in progress writes its record right after attaching, so it is never
@@ -25,27 +32,63 @@ func (s *NodeService) Start(ctx context.Context) {
 	for _, err := range errs {
 		log.Error(err, "Unreadable state record")
 	}
+	// Every volume to adopt is marked busy before Start returns (before
+	// the node serves): an RPC on it gets Aborted until its adoption has
+	// begun, instead of finding no supervision yet.
+	var specs []AttachSpec
 	for _, r := range recs {
 		params, err := ParseVolumeContext(r.VolumeContext)
 		if err != nil {
 			log.Error(err, "State record with an invalid volume context", "volumeID", r.VolumeID)
 			continue
 		}
-		spec := AttachSpec{VolumeID: r.VolumeID, URI: params.URI, Connections: params.Connections,
-			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: r.ReadOnly}
-		switch err := s.attacher.Adopt(ctx, spec); {
-		case err == nil:
-			log.Info("Adopted attached volume", "volumeID", r.VolumeID)
-		case errors.Is(err, ErrNotAttached):
-			log.Info("Staged volume has no device (node rebooted?); it is re-attached when next published or staged", "volumeID", r.VolumeID)
-		default:
-			log.Error(err, "Adopting volume", "volumeID", r.VolumeID)
+		if !s.volumes.TryAcquire(r.VolumeID) {
+			continue // an operation on it is already running: it sees to the device
 		}
+		specs = append(specs, AttachSpec{VolumeID: r.VolumeID, URI: params.URI, Connections: params.Connections,
+			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: r.ReadOnly})
 	}
-	if s.opts.OrphanGracePeriod <= 0 {
-		return
+	go func() {
+		s.adoptAll(ctx, specs)
+		if s.opts.OrphanGracePeriod > 0 {
+			s.orphanLoop(ctx)
+		}
+	}()
+}
+
+// adoptAll adopts the devices of specs, adoptParallel at a time, releasing
+// each volume's operation lock (taken by Start) once its adoption began.
+func (s *NodeService) adoptAll(ctx context.Context, specs []AttachSpec) {
+	log := logger(ctx).WithName("recover")
+	sem := make(chan struct{}, adoptParallel)
+	var wg sync.WaitGroup
+	for i, spec := range specs {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			for _, rest := range specs[i:] {
+				s.volumes.Release(rest.VolumeID)
+			}
+			wg.Wait()
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			err := s.attacher.Adopt(ctx, spec)
+			s.volumes.Release(spec.VolumeID)
+			switch {
+			case err == nil:
+				log.Info("Adopted attached volume; supervision resumed (dead connections are replaced in the background)", "volumeID", spec.VolumeID)
+			case errors.Is(err, ErrNotAttached):
+				log.Info("Staged volume has no device (node rebooted?); it is re-attached when next published or staged", "volumeID", spec.VolumeID)
+			default:
+				log.Error(err, "Adopting volume", "volumeID", spec.VolumeID)
+			}
+		}()
 	}
-	go s.orphanLoop(ctx)
+	wg.Wait()
 }
 
 func (s *NodeService) orphanLoop(ctx context.Context) {

@@ -432,9 +432,7 @@ func TestNodeRecoverAndOrphans(t *testing.T) {
 		t.Fatal(err)
 	}
 	svc.Start(context.Background())
-	if !slices.Contains(e.att.Log, "adopt kept") {
-		t.Errorf("staged volume not adopted: %v", e.att.Log)
-	}
+	waitLogged(t, e.att, "adopt kept")
 	now := time.Now()
 	svc.SweepOrphansForTest(ctx, now)
 	if _, err := e.att.Lookup(ctx, "orphan"); err != nil {
@@ -447,4 +445,47 @@ func TestNodeRecoverAndOrphans(t *testing.T) {
 	if _, err := e.att.Lookup(ctx, "kept"); err != nil {
 		t.Errorf("staged volume lost: %v", err)
 	}
+}
+
+// waitLogged waits until the fake attacher logged entry.
+func waitLogged(t *testing.T, att *drivertest.Attacher, entry string) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !slices.Contains(att.Logged(), entry); {
+		if time.Now().After(deadline) {
+			t.Fatalf("%q not logged: %v", entry, att.Logged())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestNodeStartServesFirst: Start returns at once and the node answers
+// while the adoption of a staged volume waits for its server (it used to
+// adopt every volume serially before serving).
+func TestNodeStartServesFirst(t *testing.T) {
+	e := newNodeEnv(t)
+	ctx := context.Background()
+	if _, err := e.svc.NodeStageVolume(ctx, e.stageReq("slow")); err != nil {
+		t.Fatal(err)
+	}
+	e.att.AdoptWait = make(chan struct{})
+	svc, err := driver.NewNodeService(driver.NodeOptions{NodeID: "node-1", KubeletDir: e.kubelet, StateDir: e.stateDir}, e.att, e.mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	go func() {
+		svc.Start(ctx)
+		close(started)
+	}()
+	select {
+	case <-started:
+	case <-time.After(time.Second):
+		close(e.att.AdoptWait)
+		t.Fatal("Start blocked on an adoption")
+	}
+	if _, err := svc.NodeGetCapabilities(ctx, &csi.NodeGetCapabilitiesRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	close(e.att.AdoptWait)
+	waitLogged(t, e.att, "adopt slow")
 }

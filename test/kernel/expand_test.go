@@ -24,11 +24,18 @@ import (
 // and comes back with the grown export: the device must reconnect to it
 // (keeping its size) rather than give up, so the expansion still works.
 func TestKernelNodeExpand(t *testing.T) {
-	for _, fs := range []string{"ext4", "xfs"} {
-		t.Run(fs, func(t *testing.T) {
+	// Over TCP the plugin ends the kernel's connections through
+	// sock_diag (SOCK_DESTROY); over a unix socket through the descriptor
+	// it kept.
+	for _, c := range []struct {
+		fs     string
+		listen servers.Listen
+	}{{"ext4", servers.Unix}, {"xfs", servers.Unix}, {"ext4", servers.TCP}} {
+		fs := c.fs
+		t.Run(fs+"-"+c.listen.String(), func(t *testing.T) {
 			n := newNode(t)
 			img := backingFile(t, 320<<20)
-			srv := servers.Nbdkit(t, servers.Unix, "file", "file="+img)
+			srv := servers.Nbdkit(t, c.listen, "file", "file="+img)
 			vol := "expand-" + fs
 			target := n.stagePublish(vol, fsCap(fs), map[string]string{driver.KeyURI: srv.URI(""),
 				driver.KeyTimeout: "5s", driver.KeyDeadConnectionTimeout: "120s"})

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 
@@ -34,6 +35,9 @@ type Attacher struct {
 	// named after its export (Dir/export-NAME) and survives Detach, so a
 	// re-attach sees what was written before.
 	Persist bool
+	// AdoptWait, when set, makes Adopt wait until it is closed (a server
+	// that does not answer).
+	AdoptWait chan struct{}
 
 	mu      sync.Mutex
 	devices map[string]*driver.Attachment
@@ -175,6 +179,9 @@ func (a *Attacher) IsDevice(path string) (uint64, bool) {
 
 // Adopt records the adoption of an attached volume.
 func (a *Attacher) Adopt(_ context.Context, spec driver.AttachSpec) error {
+	if a.AdoptWait != nil {
+		<-a.AdoptWait
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if _, ok := a.devices[spec.VolumeID]; !ok {
@@ -182,6 +189,13 @@ func (a *Attacher) Adopt(_ context.Context, spec driver.AttachSpec) error {
 	}
 	a.Log = append(a.Log, "adopt "+spec.VolumeID)
 	return nil
+}
+
+// Logged returns a copy of Log.
+func (a *Attacher) Logged() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.Log)
 }
 
 // Ready returns ReadyErr.
