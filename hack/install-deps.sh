@@ -9,7 +9,7 @@
 #           cryptsetup (encrypted volumes; pkg/crypt tests it on the host), and
 #           the servers, clients and file system tools copied into the guest
 #   demo    make demo: nbdkit and the VM rig (for hosts without nbd)
-#   test    make test: the VM rig, a C compiler for -race, openssl, etcd
+#   test    make test: the VM rig, a C compiler for -race, openssl, etcd, GNU time
 #           (the Kubernetes store's tests), git and make
 #   e2e-vm  make e2e E2E_PROVIDER=vm: the VM rig plus debootstrap, etcd,
 #           socat, iproute2, python3, curl, xz (test/e2e/vm/cluster.sh)
@@ -31,7 +31,7 @@ packages() {
 		;;
 	test)
 		packages vm
-		echo gcc libc6-dev openssl ca-certificates git make etcd-server
+		echo gcc libc6-dev openssl ca-certificates git make etcd-server time
 		;;
 	e2e-vm)
 		packages vm
