@@ -54,7 +54,7 @@ func supervisionCost(t *testing.T, count int, window time.Duration) {
 	ctx := context.Background()
 	for i := range count {
 		vol := fmt.Sprintf("bench-%03d", i)
-		staging := filepath.Join(kubelet, "plugins", "kubernetes.io", "csi", "nbd", vol, "globalmount")
+		staging := kubeletStaging(kubelet, vol)
 		if _, err := p.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging,
 			VolumeCapability: blockCap(), VolumeContext: vc}); err != nil {
 			t.Fatal(err)

@@ -51,7 +51,7 @@ func (n *node) publish(vol string, c *csi.VolumeCapability) string {
 	n.t.Helper()
 	target := n.target(vol)
 	if c.GetBlock() != nil {
-		target = filepath.Join(n.kubelet, "pods", "pod-"+vol, "volumeDevices", "kubernetes.io~csi", vol)
+		target = filepath.Join(n.kubelet, "plugins", "kubernetes.io", "csi", "volumeDevices", "publish", vol, "pod-"+vol)
 	}
 	n.t.Cleanup(func() {
 		_, _ = n.svc.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target})

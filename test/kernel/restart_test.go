@@ -205,8 +205,8 @@ func TestKernelRestartDuringOutage(t *testing.T) {
 	targets := make([]string, count)
 	for i := range count {
 		vol := fmt.Sprintf("outage-%02d", i)
-		staging := filepath.Join(kubelet, "plugins", "kubernetes.io", "csi", "nbd", vol, "globalmount")
-		targets[i] = filepath.Join(kubelet, "pods", "pod1", "volumeDevices", "kubernetes.io~csi", vol)
+		staging := kubeletStaging(kubelet, vol)
+		targets[i] = filepath.Join(kubelet, "plugins", "kubernetes.io", "csi", "volumeDevices", "publish", vol, "pod1")
 		if _, err := p.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging,
 			VolumeCapability: blockCap(), VolumeContext: vc}); err != nil {
 			t.Fatal(err)
