@@ -235,8 +235,16 @@ func (s *ControllerService) GetCapacity(ctx context.Context, req *csi.GetCapacit
 				continue
 			}
 		}
-		total = addSize(total, e.Size)
-		largest = max(largest, e.Size)
+		size := e.Size
+		if p != nil && p.encrypted() {
+			// What an encrypted volume on the export can offer: its
+			// size less the LUKS2 header (CreateVolume claims as much).
+			if size = usableSize(map[string]string{KeyEncrypted: "true"}, size); size == 0 {
+				continue
+			}
+		}
+		total = addSize(total, size)
+		largest = max(largest, size)
 	}
 	resp := &csi.GetCapacityResponse{AvailableCapacity: clampSize(ctx, "available capacity", total)}
 	resp.MaximumVolumeSize = wrapperspb.Int64(clampSize(ctx, "largest available export", largest))

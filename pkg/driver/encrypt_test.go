@@ -268,6 +268,15 @@ func TestEncryptedParams(t *testing.T) {
 	if _, err := c.CreateVolume(ctx, createReq("bad", 1, map[string]string{"encrypted": "maybe"})); code(err) != codes.InvalidArgument {
 		t.Fatalf("encrypted=maybe: %v, want InvalidArgument", err)
 	}
+	// GetCapacity of an encrypted pool counts what volumes can get: each
+	// export less its LUKS2 header.
+	capResp, err := c.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"server": server, "encrypted": "true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := int64(2<<30 - 16<<20); capResp.AvailableCapacity != want || capResp.MaximumVolumeSize.GetValue() != 1<<30 {
+		t.Errorf("GetCapacity of the encrypted pool = %d (largest %d), want %d (largest %d)", capResp.AvailableCapacity, capResp.MaximumVolumeSize.GetValue(), want, 1<<30)
+	}
 	v, err := c.CreateVolume(ctx, createReq("pvc", 1<<30, map[string]string{"encrypted": "true"}))
 	if err != nil {
 		t.Fatal(err)
