@@ -27,15 +27,19 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	dir := t.TempDir()
-	dev := filepath.Join(dir, "nbd0")
+	devDir := filepath.Join(dir, "dev")
+	if err := os.MkdirAll(devDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dev := filepath.Join(devDir, "nbd0")
 	if err := os.WriteFile(dev, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Truncate(dev, 32<<20); err != nil {
 		t.Fatal(err)
 	}
-	tools := crypttest.NewTools(filepath.Join(dir, "dev"))
-	return &env{c: New(tools, Options{DevDir: filepath.Join(dir, "dev")}), tools: tools, dev: dev}
+	tools := crypttest.NewTools(devDir)
+	return &env{c: New(tools, Options{DevDir: devDir, SysDir: tools.SysDir()}), tools: tools, dev: dev}
 }
 
 func writeAt(t *testing.T, path string, off int64, b []byte) {
