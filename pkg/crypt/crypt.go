@@ -67,6 +67,9 @@ type Options struct {
 	// DevDir is the /dev directory (default "/dev"); mappings appear in
 	// DevDir/mapper.
 	DevDir string
+	// SysDir is the sysfs root (default "/sys"): Status reads active
+	// mappings from SysDir/block/*/dm.
+	SysDir string
 }
 
 // Crypt runs cryptsetup and blkid.
@@ -82,6 +85,9 @@ func New(r Runner, o Options) *Crypt {
 	}
 	if o.DevDir == "" {
 		o.DevDir = "/dev"
+	}
+	if o.SysDir == "" {
+		o.SysDir = "/sys"
 	}
 	return &Crypt{run: r, opts: o}
 }
@@ -253,32 +259,50 @@ type Mapping struct {
 }
 
 // Status reports whether the mapping name is active and on which device.
-func (c *Crypt) Status(ctx context.Context, name string) (Mapping, error) {
+// It asks device-mapper through sysfs and never runs cryptsetup: `cryptsetup
+// status` loads the LUKS header from the device under the mapping, so it
+// blocks for as long as that device stalls — an NBD device whose server is
+// down stalls up to its dead-connection timeout — and the volume health
+// check, which must answer during exactly such an outage, calls Status.
+func (c *Crypt) Status(_ context.Context, name string) (Mapping, error) {
 	if _, err := os.Lstat(c.MapperPath(name)); errors.Is(err, os.ErrNotExist) {
 		return Mapping{}, nil
 	}
-	res, err := c.run.Run(ctx, Command{Name: "cryptsetup", Args: []string{"status", name}})
+	names, err := filepath.Glob(filepath.Join(c.opts.SysDir, "block", "*", "dm", "name"))
 	if err != nil {
 		return Mapping{}, fmt.Errorf("status %s: %w", name, err)
 	}
-	switch res.ExitCode {
-	case 0:
-	case exitWrongDevice:
-		return Mapping{}, nil
-	default:
-		return Mapping{}, &CommandError{Op: "status " + name, ExitCode: res.ExitCode, Stderr: string(res.Stderr)}
-	}
-	m := Mapping{Active: true}
-	sc := bufio.NewScanner(bytes.NewReader(res.Stdout))
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(strings.TrimSpace(sc.Text()), ":"); ok && k == "device" {
-			m.Device = strings.TrimSpace(v)
+	for _, p := range names {
+		b, err := os.ReadFile(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // removed meanwhile
 		}
+		if err != nil {
+			return Mapping{}, fmt.Errorf("status %s: %w", name, err)
+		}
+		if strings.TrimSpace(string(b)) != name {
+			continue
+		}
+		dm := filepath.Dir(p)
+		uuid, err := os.ReadFile(filepath.Join(dm, "uuid"))
+		if err != nil {
+			return Mapping{}, fmt.Errorf("status %s: %w", name, err)
+		}
+		if !strings.HasPrefix(string(uuid), "CRYPT-") {
+			return Mapping{}, fmt.Errorf("status %s: the device-mapper device %s is not a dm-crypt mapping (uuid %q)", name, filepath.Base(filepath.Dir(dm)), strings.TrimSpace(string(uuid)))
+		}
+		slaves, err := os.ReadDir(filepath.Join(filepath.Dir(dm), "slaves"))
+		if err != nil {
+			return Mapping{}, fmt.Errorf("status %s: %w", name, err)
+		}
+		if len(slaves) != 1 {
+			return Mapping{}, fmt.Errorf("status %s: the mapping sits on %d devices, want 1", name, len(slaves))
+		}
+		return Mapping{Active: true, Device: filepath.Join(c.opts.DevDir, slaves[0].Name())}, nil
 	}
-	if m.Device == "" {
-		return m, fmt.Errorf("status %s: no device line in cryptsetup's output", name)
-	}
-	return m, nil
+	// A node in DevDir/mapper that device-mapper does not know: inactive
+	// (cryptsetup says the same).
+	return Mapping{}, nil
 }
 
 // Open opens the LUKS device under name with the keyring disabled (the

@@ -27,15 +27,19 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	dir := t.TempDir()
-	dev := filepath.Join(dir, "nbd0")
+	devDir := filepath.Join(dir, "dev")
+	if err := os.MkdirAll(devDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dev := filepath.Join(devDir, "nbd0")
 	if err := os.WriteFile(dev, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Truncate(dev, 32<<20); err != nil {
 		t.Fatal(err)
 	}
-	tools := crypttest.NewTools(filepath.Join(dir, "dev"))
-	return &env{c: New(tools, Options{DevDir: filepath.Join(dir, "dev")}), tools: tools, dev: dev}
+	tools := crypttest.NewTools(devDir)
+	return &env{c: New(tools, Options{DevDir: devDir, SysDir: tools.SysDir()}), tools: tools, dev: dev}
 }
 
 func writeAt(t *testing.T, path string, off int64, b []byte) {
@@ -388,5 +392,57 @@ func TestCryptsetupOnFile(t *testing.T) {
 	var fe *ForeignDataError
 	if err := c.Format(ctx, ext, []byte("k")); !errors.As(err, &fe) || !strings.Contains(fe.Found, "ext4") {
 		t.Fatalf("Format on ext4: got %v, want ForeignDataError naming ext4", err)
+	}
+}
+
+// TestStatusFromSysfs: Status reads device-mapper's sysfs (it never runs
+// cryptsetup, which would read the device) and refuses what is not one
+// dm-crypt mapping on one device.
+func TestStatusFromSysfs(t *testing.T) {
+	root := t.TempDir()
+	devDir, sysDir := filepath.Join(root, "dev"), filepath.Join(root, "sys")
+	c := New(crypttest.NewTools(devDir), Options{DevDir: devDir, SysDir: sysDir})
+	mk := func(dm, name, uuid string, slaves ...string) {
+		t.Helper()
+		d := filepath.Join(sysDir, "block", dm)
+		for _, p := range []string{filepath.Join(d, "dm"), filepath.Join(d, "slaves"), filepath.Join(devDir, "mapper")} {
+			if err := os.MkdirAll(p, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for f, b := range map[string]string{filepath.Join(d, "dm", "name"): name + "\n", filepath.Join(d, "dm", "uuid"): uuid + "\n",
+			filepath.Join(devDir, "mapper", name): ""} {
+			if err := os.WriteFile(f, []byte(b), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, s := range slaves {
+			if err := os.WriteFile(filepath.Join(d, "slaves", s), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	mk("dm-0", "enc", "CRYPT-LUKS2-0123-enc", "nbd3")
+	mk("dm-1", "lvm", "LVM-abc", "sda")
+	mk("dm-2", "striped", "CRYPT-LUKS2-4567-striped", "nbd4", "nbd5")
+	ctx := context.Background()
+	if m, err := c.Status(ctx, "enc"); err != nil || !m.Active || m.Device != filepath.Join(devDir, "nbd3") {
+		t.Errorf("Status(enc) = %+v, %v; want active on %s", m, err, filepath.Join(devDir, "nbd3"))
+	}
+	if m, err := c.Status(ctx, "absent"); err != nil || m.Active {
+		t.Errorf("Status(absent) = %+v, %v; want inactive", m, err)
+	}
+	if _, err := c.Status(ctx, "lvm"); err == nil || !strings.Contains(err.Error(), "not a dm-crypt mapping") {
+		t.Errorf("Status(lvm) = %v, want a refusal (not dm-crypt)", err)
+	}
+	if _, err := c.Status(ctx, "striped"); err == nil || !strings.Contains(err.Error(), "2 devices") {
+		t.Errorf("Status(striped) = %v, want a refusal (two devices)", err)
+	}
+	// A node left in /dev/mapper that device-mapper does not know.
+	if err := os.WriteFile(filepath.Join(devDir, "mapper", "stale"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := c.Status(ctx, "stale"); err != nil || m.Active {
+		t.Errorf("Status(stale) = %+v, %v; want inactive", m, err)
 	}
 }

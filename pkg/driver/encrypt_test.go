@@ -35,13 +35,17 @@ func newEncEnv(t *testing.T) *encEnv {
 	t.Helper()
 	root := t.TempDir()
 	e := &encEnv{nodeEnv: &nodeEnv{kubelet: filepath.Join(root, "kubelet"), stateDir: filepath.Join(root, "state")}}
-	e.att = drivertest.NewAttacher(t.TempDir())
+	// The fake devices live in the fake /dev, as the real ones in /dev.
+	devDir := filepath.Join(root, "dev")
+	if err := os.MkdirAll(devDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.att = drivertest.NewAttacher(devDir)
 	e.att.Persist = true
 	e.att.DefaultSize = 64 << 20
 	e.mnt = drivertest.NewMounter(e.att)
-	devDir := filepath.Join(root, "dev")
 	e.tools = crypttest.NewTools(devDir)
-	e.enc = crypt.Volumes{C: crypt.New(e.tools, crypt.Options{DevDir: devDir})}
+	e.enc = crypt.Volumes{C: crypt.New(e.tools, crypt.Options{DevDir: devDir, SysDir: e.tools.SysDir()})}
 	e.restartEnc(t)
 	return e
 }
@@ -213,6 +217,39 @@ func TestEncryptedPublishNeedsOpenMapping(t *testing.T) {
 	h, err := e.svc.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: "vol1"})
 	if err != nil || len(h.VolumeHealth.HealthStatuses) != 1 || h.VolumeHealth.HealthStatuses[0].Reason != "MappingMissing" {
 		t.Fatalf("health: %v %v, want MappingMissing", h, err)
+	}
+}
+
+// TestEncryptedHealthDuringOutage: while the NBD server is down, I/O on
+// the device under the mapping stalls (up to the dead-connection timeout);
+// the health check must still answer at once, DEGRADED, and find the
+// mapping open, without reading the device (cryptsetup status reads the
+// LUKS header, so it stalls with it).
+func TestEncryptedHealthDuringOutage(t *testing.T) {
+	ctx := context.Background()
+	e := newEncEnv(t)
+	if _, err := e.svc.NodeStageVolume(ctx, e.encStageReq("vol1", "k")); err != nil {
+		t.Fatal(err)
+	}
+	att, err := e.att.Lookup(ctx, "vol1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.att.SetHealthy("vol1", false, "NBD connection lost; reconnecting")
+	e.tools.Stall(att.Device, true)
+	hctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	h, err := e.svc.NodeGetVolumeHealth(hctx, &csi.NodeGetVolumeHealthRequest{VolumeId: "vol1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("health check took %v during the outage", d)
+	}
+	st := h.VolumeHealth.HealthStatuses
+	if len(st) != 1 || st[0].Status != csi.VolumeHealthErrorType_DEGRADED || st[0].Reason != "ConnectionDead" {
+		t.Fatalf("health during the outage: %v, want only DEGRADED ConnectionDead", st)
 	}
 }
 

@@ -183,7 +183,12 @@ func sanityInProcess(t *testing.T, root string, st store.Store, encrypted bool) 
 		if os.Getenv("NBDCSI_IN_VM") == "1" {
 			t.Fatal("in the VM the sanity run must use the real kernel")
 		}
-		fa := drivertest.NewAttacher(t.TempDir())
+		// The fake devices live in the fake /dev the fake cryptsetup
+		// knows, as the real ones in /dev.
+		if err := os.MkdirAll(filepath.Join(root, "dev"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		fa := drivertest.NewAttacher(filepath.Join(root, "dev"))
 		att, mnt = fa, drivertest.NewMounter(fa)
 		t.Log("node: stateful fakes (no nbd in this kernel)")
 	}
@@ -193,7 +198,8 @@ func sanityInProcess(t *testing.T, root string, st store.Store, encrypted bool) 
 		var r crypt.Runner = crypt.ExecRunner{}
 		if !kernelAvailable() {
 			co.DevDir = filepath.Join(root, "dev")
-			r = crypttest.NewTools(co.DevDir)
+			tools := crypttest.NewTools(co.DevDir)
+			co.SysDir, r = tools.SysDir(), tools
 		}
 		opts = append(opts, driver.WithEncryption(crypt.Volumes{C: crypt.New(r, co)}, crypt.SecretKeySource{}))
 	}

@@ -23,9 +23,19 @@ import (
 // passphrase (exit 2), a device without a LUKS header (exit 1), an active
 // name (exit 5), an unknown mapping (exit 4), a busy mapping (exit 5).
 // Like the real luksFormat it overwrites whatever the device holds.
+//
+// Active mappings are also published as device-mapper publishes them in
+// sysfs (SysDir()/block/dm-N/dm/{name,uuid}, SysDir()/block/dm-N/slaves/
+// with the device's base name): the device must then live in devDir, as
+// /dev/nbdN does in /dev. A device can be made to stall (Stall): like the
+// real cryptsetup, `status` of a mapping on it then reads the LUKS header
+// and blocks until its context ends.
 type Tools struct {
 	mu      sync.Mutex
 	devDir  string
+	nextDM  int
+	dm      map[string]string   // mapping name -> its sysfs dm-N directory
+	stalled map[string]bool     // device -> I/O on it blocks
 	slots   map[string][][]byte // device -> passphrases of its key slots
 	active  map[string]string   // mapping name -> device
 	busy    map[string]bool     // mapping name -> in use (mounted)
@@ -35,16 +45,35 @@ type Tools struct {
 
 // NewTools returns the fake; mappings appear as files in devDir/mapper.
 func NewTools(devDir string) *Tools {
-	return &Tools{devDir: devDir, slots: map[string][][]byte{}, active: map[string]string{}, busy: map[string]bool{}}
+	return &Tools{devDir: devDir, slots: map[string][][]byte{}, active: map[string]string{}, busy: map[string]bool{},
+		dm: map[string]string{}, stalled: map[string]bool{}}
+}
+
+// SysDir is the fake's sysfs root, for crypt.Options.SysDir.
+func (f *Tools) SysDir() string { return filepath.Join(f.devDir, ".sys") }
+
+// Stall makes I/O on dev block (an NBD device whose server is down) or
+// resume.
+func (f *Tools) Stall(dev string, stalled bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.stalled[dev] = stalled
 }
 
 var _ crypt.Runner = (*Tools)(nil)
 
 // Run runs a fake cryptsetup or blkid.
-func (f *Tools) Run(_ context.Context, cmd crypt.Command) (crypt.Result, error) {
+func (f *Tools) Run(ctx context.Context, cmd crypt.Command) (crypt.Result, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.cmds = append(f.cmds, cmd)
+	if cmd.Name == "cryptsetup" && len(cmd.Args) == 2 && cmd.Args[0] == "status" && f.stalled[f.active[cmd.Args[1]]] {
+		// cryptsetup status loads the LUKS header from the device.
+		f.mu.Unlock()
+		<-ctx.Done()
+		f.mu.Lock()
+		return crypt.Result{}, ctx.Err()
+	}
 	switch cmd.Name {
 	case "blkid":
 		return f.blkid(cmd.Args)
@@ -139,6 +168,9 @@ func (f *Tools) cryptsetup(cmd crypt.Command) (crypt.Result, error) {
 		if err := os.WriteFile(filepath.Join(f.devDir, "mapper", name), nil, 0o600); err != nil {
 			return crypt.Result{}, err
 		}
+		if err := f.publish(name, dev); err != nil {
+			return crypt.Result{}, err
+		}
 		f.active[name] = dev
 		return crypt.Result{}, nil
 	case "status":
@@ -155,6 +187,10 @@ func (f *Tools) cryptsetup(cmd crypt.Command) (crypt.Result, error) {
 			return exit(exitBusy, "Device "+last+" is still in use.")
 		}
 		delete(f.active, last)
+		if err := os.RemoveAll(f.dm[last]); err != nil {
+			return crypt.Result{}, err
+		}
+		delete(f.dm, last)
 		return crypt.Result{}, os.Remove(filepath.Join(f.devDir, "mapper", last))
 	case "resize":
 		if _, ok := f.active[last]; !ok {
@@ -188,6 +224,32 @@ func (f *Tools) cryptsetup(cmd crypt.Command) (crypt.Result, error) {
 		return crypt.Result{}, nil
 	}
 	return exit(exitWrongParams, "fake: unknown action "+a[0])
+}
+
+// publish shows an opened mapping in the fake sysfs.
+func (f *Tools) publish(name, dev string) error {
+	if filepath.Dir(dev) != filepath.Clean(f.devDir) {
+		return fmt.Errorf("fake: device %s is not in the fake's /dev (%s)", dev, f.devDir)
+	}
+	dir := filepath.Join(f.SysDir(), "block", fmt.Sprintf("dm-%d", f.nextDM))
+	f.nextDM++
+	if err := os.MkdirAll(filepath.Join(dir, "dm"), 0o755); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "slaves"), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "dm", "name"), []byte(name+"\n"), 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "dm", "uuid"), []byte("CRYPT-LUKS2-00000000000000000000000000000000-"+name+"\n"), 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "slaves", filepath.Base(dev)), nil, 0o644); err != nil {
+		return err
+	}
+	f.dm[name] = dir
+	return nil
 }
 
 // Actions lists the cryptsetup actions run so far.
