@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -41,6 +42,14 @@ func (s sysfs) exists(index uint32) bool {
 // (including when the device directory itself is gone).
 func (s sysfs) readFile(index uint32, name string) (content string, ok bool, err error) {
 	b, err := os.ReadFile(filepath.Join(s.blockDir(index), name))
+	// Under concurrent attaches and detaches the kernel answers ENODEV for
+	// a moment on a device's attribute while it is being replaced (seen on
+	// a freshly started device's backend file, TestKernelConcurrentAttach):
+	// read again briefly before reporting it.
+	for try := 0; errors.Is(err, syscall.ENODEV) && try < 50; try++ {
+		time.Sleep(2 * time.Millisecond)
+		b, err = os.ReadFile(filepath.Join(s.blockDir(index), name))
+	}
 	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, os.ErrNotExist) {
 		return "", false, nil
 	}
