@@ -8,8 +8,9 @@ import (
 	"sort"
 	"strings"
 
-	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
 // ServerIdentity returns the identity under which a recorded server is
