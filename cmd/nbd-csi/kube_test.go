@@ -65,34 +65,8 @@ func TestServeKubeStore(t *testing.T) {
 	srv := servers.Nbdkit(t, servers.Unix, "file", "dir="+pool)
 
 	sock := filepath.Join(dir, "csi.sock")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan int, 1)
-	go func() {
-		var out, errb strings.Builder
-		code := run(ctx, []string{"serve", "--mode=controller", "--endpoint=unix://" + sock, "--store=kubernetes",
-			"--kubeconfig=" + kubeconfig, "--leader-election", "--leader-election-namespace=default", "--scan-interval=1s"}, &out, &errb)
-		if code != 0 {
-			t.Logf("serve: exit %d: %s", code, errb.String())
-		}
-		done <- code
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	for i := 0; ; i++ {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		if i > 400 {
-			t.Fatal("serve did not create its socket")
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.WaitForReady(true))) // the socket may exist a moment before it listens
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctrl := csi.NewControllerClient(conn)
+	ctx, ctrl := serveController(t, sock, "--store=kubernetes", "--kubeconfig="+kubeconfig,
+		"--leader-election", "--leader-election-namespace=default", "--scan-interval=1s")
 	cctx, ccancel := context.WithTimeout(ctx, time.Minute)
 	defer ccancel()
 	mount := []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
@@ -289,34 +263,7 @@ func TestServeWipesByDefault(t *testing.T) {
 	f.Close()
 	srv := servers.Nbdkit(t, servers.Unix, "--filter=nozero", "file", "dir="+pool)
 	sock := filepath.Join(dir, "csi.sock")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan int, 1)
-	go func() {
-		var out, errb strings.Builder
-		code := run(ctx, []string{"serve", "--mode=controller", "--endpoint=unix://" + sock,
-			"--store-path=" + filepath.Join(dir, "store.db"), "--wipe-budget=1ns"}, &out, &errb)
-		if code != 0 {
-			t.Logf("serve: exit %d: %s", code, errb.String())
-		}
-		done <- code
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	for i := 0; ; i++ {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		if i > 400 {
-			t.Fatal("serve did not create its socket")
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.WaitForReady(true))) // the socket may exist a moment before it listens
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctrl := csi.NewControllerClient(conn)
+	ctx, ctrl := serveController(t, sock, "--store-path="+filepath.Join(dir, "store.db"), "--wipe-budget=1ns")
 	cctx, ccancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer ccancel()
 	mount := []*csi.VolumeCapability{{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
@@ -371,4 +318,38 @@ func TestServeWipesByDefault(t *testing.T) {
 			}
 		}
 	}
+}
+
+// serveController runs `nbd-csi serve --mode=controller` in this process on
+// the unix socket sock with the extra args until the test ends, and returns
+// a context that ends with it and a controller client.
+func serveController(t *testing.T, sock string, args ...string) (context.Context, csi.ControllerClient) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	go func() {
+		var out, errb strings.Builder
+		code := run(ctx, append([]string{"serve", "--mode=controller", "--endpoint=unix://" + sock}, args...), &out, &errb)
+		if code != 0 {
+			t.Logf("serve: exit %d: %s", code, errb.String())
+		}
+		done <- code
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i > 400 {
+			t.Fatal("serve did not create its socket")
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true))) // the socket may exist a moment before it listens
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return ctx, csi.NewControllerClient(conn)
 }
