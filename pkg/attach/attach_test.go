@@ -413,17 +413,8 @@ func TestResizeRenewsConnections(t *testing.T) {
 // nothing) later replaced the live watch with one on the old device,
 // released the live relays and reported the volume disconnected.
 func TestDetachDuringAdoptBackoff(t *testing.T) {
-	srv := newServer(t, servers.Unix)
-	k := newFakeKernel(t)
-	p := newPlugin(t, k)
+	srv, k, p, sp := restartedDuringOutage(t)
 	ctx := context.Background()
-	sp := spec(t, srv.URI(""), 1)
-	if _, err := p.a.Attach(ctx, sp); err != nil {
-		t.Fatal(err)
-	}
-	p.restart()
-	srv.Stop()
-	k.killQuietly(0, 0)
 	if err := p.a.Adopt(ctx, sp); err != nil {
 		t.Fatal(err)
 	}
@@ -509,17 +500,8 @@ func TestAdoptNotAttached(t *testing.T) {
 // back. Before, start-up blocked on the probe and the volume was never
 // reconnected.
 func TestAdoptDuringOutageReconnects(t *testing.T) {
-	srv := newServer(t, servers.Unix)
-	k := newFakeKernel(t)
-	p := newPlugin(t, k)
+	srv, k, p, sp := restartedDuringOutage(t)
 	ctx := context.Background()
-	sp := spec(t, srv.URI(""), 1)
-	if _, err := p.a.Attach(ctx, sp); err != nil {
-		t.Fatal(err)
-	}
-	p.restart()
-	srv.Stop()
-	k.killQuietly(0, 0)
 	start := time.Now()
 	if err := p.a.Adopt(ctx, sp); err != nil {
 		t.Fatal(err)
@@ -654,4 +636,22 @@ func TestDeviceGoneDuringReconnect(t *testing.T) {
 	if _, cond := p.healthy(); cond != "device disconnected" {
 		t.Errorf("condition %q", cond)
 	}
+}
+
+// restartedDuringOutage attaches a one-connection volume from a unix-socket
+// server, restarts the plugin, stops the server and ends the connection the
+// way the kernel marks it dead while no plugin listens.
+func restartedDuringOutage(t *testing.T) (*servers.Server, *fakeKernel, *plugin, driver.AttachSpec) {
+	t.Helper()
+	srv := newServer(t, servers.Unix)
+	k := newFakeKernel(t)
+	p := newPlugin(t, k)
+	sp := spec(t, srv.URI(""), 1)
+	if _, err := p.a.Attach(context.Background(), sp); err != nil {
+		t.Fatal(err)
+	}
+	p.restart()
+	srv.Stop()
+	k.killQuietly(0, 0)
+	return srv, k, p, sp
 }
