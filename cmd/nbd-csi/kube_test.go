@@ -157,7 +157,7 @@ func TestStoreFlagErrors(t *testing.T) {
 // TestServeHealth: --health-address answers /healthz while serving,
 // /readyz with 200 when the services are ready and 503 with Probe's reason
 // when they are not (here: a node whose kernel has no nbd, unless this
-// kernel has it), and /metrics with each mode's gauges.
+// kernel has it), and /metrics with each mode's gauges and counters.
 func TestServeHealth(t *testing.T) {
 	dir := t.TempDir()
 	check := func(args []string, path string, wantCode int, wantBody string) {
@@ -200,6 +200,9 @@ func TestServeHealth(t *testing.T) {
 		check(node, "/readyz", http.StatusServiceUnavailable, "nbd")
 		check(node, "/healthz", http.StatusOK, "ok")
 		check(node, "/metrics", http.StatusOK, `nbdcsi_node_volumes{health="degraded"} 0`)
+		// Every event kind's counter starts at zero: the alert on
+		// increase(…{event="gave-up"}) sees the first one.
+		check(node, "/metrics", http.StatusOK, `nbdcsi_node_connection_events_total{event="gave-up"} 0`)
 	}
 }
 

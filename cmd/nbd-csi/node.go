@@ -86,6 +86,9 @@ func newNodeService(ctx context.Context, opts driver.NodeOptions, af attachFlags
 	reporter := driver.NewSupervisionReporter(log, opts.NodeID, recorder, pvs)
 	rctx, cancelReporter := context.WithCancel(ctx)
 	go reporter.Run(rctx)
+	for _, k := range device.EventKinds() {
+		m.ConnectionEventKinds(k.String())
+	}
 	att := attach.New(ctx, attach.Options{Device: devOpts, PollInterval: af.pollInterval,
 		SecretsDir: filepath.Join(opts.StateDir, "tls"),
 		OnEvent: func(volumeID string, e device.Event) {

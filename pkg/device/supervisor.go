@@ -95,7 +95,20 @@ const (
 	// EventWatching: the LINK_DEAD subscription is in place; links that
 	// die from now on are noticed.
 	EventWatching
+
+	endEventKinds // keep last: EventKinds lists the kinds before it
 )
+
+// EventKinds lists every kind, so that a counter per kind can start at
+// zero (a counter series that first appears at 1 has no increase to alert
+// on).
+func EventKinds() []EventKind {
+	kinds := make([]EventKind, 0, endEventKinds-EventLinkDead)
+	for k := EventLinkDead; k < endEventKinds; k++ {
+		kinds = append(kinds, k)
+	}
+	return kinds
+}
 
 // String returns the kind's name, e.g. "link-dead".
 func (k EventKind) String() string {

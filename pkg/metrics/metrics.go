@@ -73,6 +73,16 @@ func (r *Registry) Interceptor() grpc.UnaryServerInterceptor {
 // ConnectionEvent counts one supervision event of kind (e.g. "link-dead").
 func (r *Registry) ConnectionEvent(kind string) { r.events.WithLabelValues(kind).Inc() }
 
+// ConnectionEventKinds starts the counter of each kind at zero. Prometheus
+// sees no increase in a series that first appears with the value 1, so
+// without this an alert on increase() would miss the first event of a kind
+// since the plugin started (the first gave-up, say).
+func (r *Registry) ConnectionEventKinds(kinds ...string) {
+	for _, k := range kinds {
+		r.events.WithLabelValues(k)
+	}
+}
+
 // WipeProgress records that a volume's export reads as zeroes below wiped
 // of size bytes.
 func (r *Registry) WipeProgress(volumeID string, wiped, size uint64) {
