@@ -25,6 +25,7 @@ var allowedSkips = map[string]string{
 	`internal/kubetest/kubetest.go: t.Skip("no Kubernetes API server: " + skipReason)`:                                          "NBDCSI_REQUIRE_KUBE=1 turns it into a failure",
 	`internal/kubetest/kubetest_test.go: t.Skip(err)`:                                                                           "guarded by os.Getenv(RequireEnv) != \"1\" (NBDCSI_REQUIRE_KUBE)",
 	`test/chart/chart_test.go: t.Skipf("no helm: %v", err)`:                                                                     "NBDCSI_REQUIRE_SERVERS=1 turns it into t.Fatalf",
+	`test/chart/prometheus_test.go: t.Skipf("no promtool: %v", err)`:                                                            "NBDCSI_REQUIRE_SERVERS=1 turns it into t.Fatalf",
 	`test/vm/vm_test.go: t.Skip(err)`:                                                                                           "rig unavailable: NBDCSI_REQUIRE_VM=1 turns it into t.Fatalf",
 	`test/vm/accel_test.go: t.Skip(err)`:                                                                                        "rig unavailable: NBDCSI_REQUIRE_VM=1 turns it into t.Fatalf",
 	`cmd/nbd-csi/owner_test.go: t.Skip("needs root for tmpfs mounts")`:                                                          "NBDCSI_REQUIRE_SERVERS=1 turns it into t.Fatal",
