@@ -13,6 +13,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd/internal/nbdproto"
 )
 
@@ -36,6 +37,9 @@ type session struct {
 	// server names the server in budget errors; limits are the budgets.
 	server string
 	limits ListLimits
+	// rec follows the TLS records for a later kernel TLS offload (only
+	// with WithKernelTLS).
+	rec *ktls.Recorder
 }
 
 // greet reads the server greeting and, for newstyle servers, answers with
@@ -198,10 +202,25 @@ func (s *session) startTLS(cfg *tls.Config) error {
 		}
 		return err
 	}
-	tc := tls.Client(s.raw, cfg)
+	var tc *tls.Conn
+	if s.rec != nil {
+		// The recorder keeps record boundaries and the secrets (in
+		// memory only) so that the session can move into the kernel.
+		cfg = cfg.Clone()
+		cfg.KeyLogWriter = s.rec.KeyLog()
+		tc = tls.Client(s.rec, cfg)
+	} else {
+		tc = tls.Client(s.raw, cfg)
+	}
 	if err := tc.Handshake(); err != nil {
 		s.clean = false
 		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	if s.rec != nil {
+		if err := s.rec.HandshakeDone(); err != nil {
+			s.clean = false
+			return fmt.Errorf("TLS handshake: %w", err)
+		}
 	}
 	s.stream = tc
 	s.tls = true
