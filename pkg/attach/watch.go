@@ -117,6 +117,9 @@ type watch struct {
 	size       uint64 // the export size a reconnect must offer at least
 	flags      uint16
 	flagsKnown bool
+	// tls and tlsFallback are how the last connections handed over are
+	// encrypted, and why not by the kernel (see negotiated).
+	tls, tlsFallback string
 }
 
 func (w *watch) setHealth(healthy bool, condition string) {
@@ -426,6 +429,9 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 	if !w.flagsKnown && len(taken) > 0 {
 		w.flags, w.flagsKnown = uint16(n.info.Flags), true
 	}
+	if len(taken) > 0 {
+		w.tls, w.tlsFallback = n.tls, n.fallback
+	}
 	w.mu.Unlock()
 	if len(taken) == 0 && !probe {
 		return 0, fmt.Errorf("the kernel took none of %d sockets (its connections were not yet marked dead)", len(ids))
@@ -459,6 +465,7 @@ func (w *watch) blind(ids []sockID, n *negotiated, handles []*os.File, probe boo
 	if !w.flagsKnown {
 		w.flags, w.flagsKnown = uint16(n.info.Flags), true
 	}
+	w.tls, w.tlsFallback = n.tls, n.fallback
 	if probe {
 		return 0
 	}
