@@ -68,6 +68,7 @@ var supervisionKinds = map[device.EventKind]driver.SupervisionKind{
 	device.EventReconnected:       driver.Reconnected,
 	device.EventGaveUp:            driver.GaveUp,
 	device.EventDeviceGone:        driver.DeviceGone,
+	device.EventTLSRelay:          driver.TLSRelayFallback,
 	device.EventStatusFailed:      driver.StatusFailed,
 	device.EventWatching:          driver.Watching,
 }

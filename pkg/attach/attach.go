@@ -385,6 +385,7 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	w.size, w.flags, w.flagsKnown = d.SizeBytes, uint16(n.info.Flags), true
 	w.tls, w.tlsFallback = n.tls, n.fallback
 	a.start(w)
+	w.reportRelay(n)
 	return a.attachment(spec.VolumeID, *d), nil
 }
 

@@ -433,10 +433,21 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 		w.tls, w.tlsFallback = n.tls, n.fallback
 	}
 	w.mu.Unlock()
+	if len(taken) > 0 {
+		w.reportRelay(n)
+	}
 	if len(taken) == 0 && !probe {
 		return 0, fmt.Errorf("the kernel took none of %d sockets (its connections were not yet marked dead)", len(ids))
 	}
 	return len(taken), nil
+}
+
+// reportRelay tells OnEvent when n's connections go through the relay
+// although the volume allows kernel TLS (tls=auto fell back).
+func (w *watch) reportRelay(n *negotiated) {
+	if n.tls == driver.TLSRelay && n.fallback != "" {
+		w.emit(device.Event{Kind: device.EventTLSRelay, Err: errors.New(n.fallback)})
+	}
 }
 
 // blind ends an attempt when sock_diag cannot say what the kernel took:

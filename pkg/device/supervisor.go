@@ -95,6 +95,10 @@ const (
 	// EventWatching: the LINK_DEAD subscription is in place; links that
 	// die from now on are noticed.
 	EventWatching
+	// EventTLSRelay: a TLS connection was handed over through the
+	// userspace relay because the kernel could not take the TLS session
+	// (Err says why); emitted by pkg/attach.
+	EventTLSRelay
 )
 
 // String returns the kind's name, e.g. "link-dead".
@@ -118,6 +122,8 @@ func (k EventKind) String() string {
 		return "status-failed"
 	case EventWatching:
 		return "watching"
+	case EventTLSRelay:
+		return "tls-relay-fallback"
 	}
 	return fmt.Sprintf("EventKind(%d)", int(k))
 }

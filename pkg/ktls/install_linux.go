@@ -61,11 +61,17 @@ func install(raw syscall.RawConn, st *state) error {
 		s := int(fd)
 		if e := unix.SetsockoptString(s, unix.SOL_TCP, unix.TCP_ULP, "tls"); e != nil {
 			err = fmt.Errorf("%w: setsockopt TCP_ULP tls: %w", ErrUnavailable, e)
+			if errors.Is(e, unix.ENOENT) {
+				err = fmt.Errorf("%w (no tls module)", err)
+			}
 			return
 		}
 		if e := unix.SetsockoptString(s, solTLS, tlsTX, string(tx)); e != nil {
 			// Without TX the ULP passes data through unchanged.
-			err = fmt.Errorf("%w: setsockopt TLS_TX: %w", ErrUnavailable, e)
+			err = fmt.Errorf("%w: setsockopt TLS_TX (%s): %w", ErrUnavailable, st.suite.name, e)
+			if errors.Is(e, unix.ENOENT) {
+				err = fmt.Errorf("%w (the kernel's crypto API has no %s: is the gcm module available?)", err, aeadName(st))
+			}
 			return
 		}
 		if e := unix.SetsockoptString(s, solTLS, tlsRX, string(rx)); e != nil {
@@ -75,8 +81,8 @@ func install(raw syscall.RawConn, st *state) error {
 	if cerr != nil {
 		return fmt.Errorf("%w: %w", ErrUnsupported, cerr)
 	}
-	if errors.Is(err, ErrUnavailable) && errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("%w (is the tls module loaded?)", err)
-	}
 	return err
 }
+
+// aeadName is the kernel crypto API name of st's AEAD.
+func aeadName(*state) string { return "gcm(aes)" }
