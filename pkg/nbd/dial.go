@@ -39,12 +39,20 @@ func Dial(ctx context.Context, u *URI, opts ...Option) (*Conn, error) {
 // refusedTLS12 reports whether the server refused the TLS 1.2-only
 // offer of WithKernelTLS (and might accept TLS 1.3).
 func refusedTLS12(err error) bool {
-	var ae tls.AlertError
-	if !errors.As(err, &ae) {
+	// crypto/tls reports an alert from the peer as a *net.OpError "remote
+	// error" around its (unexported) alert type, whose text is that of
+	// the exported tls.AlertError with the same code.
+	var oe *net.OpError
+	if !errors.As(err, &oe) || oe.Op != "remote error" || oe.Err == nil {
 		return false
 	}
 	// protocol_version, handshake_failure, insufficient_security (RFC 8446 §6).
-	return ae == 70 || ae == 40 || ae == 71
+	for _, a := range []tls.AlertError{70, 40, 71} {
+		if oe.Err.Error() == a.Error() {
+			return true
+		}
+	}
+	return false
 }
 
 func dial(ctx context.Context, u *URI, cfg *config) (*Conn, error) {

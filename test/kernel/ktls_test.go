@@ -187,7 +187,7 @@ func TestKernelKTLS(t *testing.T) {
 					t.Fatal("device attached with the wrong CA")
 				}
 
-				n.stagePublishSecrets(vol, blockCap(), vc, tlsSecrets(t, certs, clientCert))
+				target := n.stagePublishSecrets(vol, blockCap(), vc, tlsSecrets(t, certs, clientCert))
 				a := n.attachment(vol)
 				if a.TLS != driver.TLSKernel {
 					t.Fatalf("attachment TLS = %q (fallback: %s), want kernel", a.TLS, a.TLSFallback)
@@ -196,7 +196,7 @@ func TestKernelKTLS(t *testing.T) {
 					t.Errorf("%d unix socket pairs open in the plugin: a relay is running", relays)
 				}
 				mixedIO(t, a.Device, img, 64<<20)
-				n.unpublishUnstage(vol, n.target(vol))
+				n.unpublishUnstage(vol, target)
 			})
 		}
 	}
@@ -204,11 +204,11 @@ func TestKernelKTLS(t *testing.T) {
 		img := backingFile(t, 16<<20)
 		s := ktlsServers[0].start(t, certs, img, false)
 		vol := "ktls-required"
-		n.stagePublishSecrets(vol, blockCap(), map[string]string{driver.KeyURI: s.TLSURI(""), driver.KeyTLS: driver.TLSKernel}, tlsSecrets(t, certs, false))
+		target := n.stagePublishSecrets(vol, blockCap(), map[string]string{driver.KeyURI: s.TLSURI(""), driver.KeyTLS: driver.TLSKernel}, tlsSecrets(t, certs, false))
 		if a := n.attachment(vol); a.TLS != driver.TLSKernel {
 			t.Fatalf("attachment TLS = %q", a.TLS)
 		}
-		n.unpublishUnstage(vol, n.target(vol))
+		n.unpublishUnstage(vol, target)
 	})
 }
 
@@ -435,14 +435,14 @@ func TestKernelKTLSFallback(t *testing.T) {
 		t.Fatalf("tls=kernel without the tls module: %v, want FailedPrecondition", err)
 	}
 	delete(vc, driver.KeyTLS)
-	n.stagePublishSecrets("ktls-fb", blockCap(), vc, tlsSecrets(t, certs, false))
+	target := n.stagePublishSecrets("ktls-fb", blockCap(), vc, tlsSecrets(t, certs, false))
 	a := n.attachment("ktls-fb")
 	if a.TLS != driver.TLSRelay || a.TLSFallback == "" {
 		t.Fatalf("attachment TLS = %q, fallback %q; want relay with a reason", a.TLS, a.TLSFallback)
 	}
 	t.Logf("fallback reason: %s", a.TLSFallback)
 	mixedIO(t, a.Device, img, 16<<20)
-	n.unpublishUnstage("ktls-fb", n.target("ktls-fb"))
+	n.unpublishUnstage("ktls-fb", target)
 }
 
 // noTLSModule unloads the tls module and stops the kernel from loading it
