@@ -34,7 +34,8 @@
 // or a TLS 1.3 KeyUpdate or NewSessionTicket) with EIO when the reader
 // passes no control-message buffer, which is what in-kernel consumers do:
 // such a record ends the connection. Callers must treat that like any
-// other lost connection (see Config.MaxVersion in the nbd package users).
+// other lost connection, and may prefer TLS 1.2, which has no KeyUpdate
+// (docs/tls.md).
 //
 // The package never logs.
 package ktls

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -163,7 +164,7 @@ func NewRecorder(c net.Conn) *Recorder { return &Recorder{Conn: c} }
 
 // KeyLog returns the writer to set as tls.Config.KeyLogWriter for this
 // connection only. The secrets it receives stay in memory.
-func (r *Recorder) KeyLog() *keyLog { return &r.keys }
+func (r *Recorder) KeyLog() io.Writer { return &r.keys }
 
 // Read reads at most to the end of the current record.
 func (r *Recorder) Read(p []byte) (int, error) {

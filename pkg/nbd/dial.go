@@ -389,6 +389,9 @@ func (c *Conn) Close() error {
 	if c.tx != nil {
 		return c.tx.close()
 	}
+	if c.rec != nil {
+		c.rec.Release() // forgets the secrets (a no-op after an offload)
+	}
 	if c.kernelTLS {
 		// The session is the kernel's: a close_notify from crypto/tls
 		// would go through its record layer as data.

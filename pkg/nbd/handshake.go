@@ -181,6 +181,9 @@ func (s *session) abort() {
 func (s *session) close() {
 	_ = s.stream.Close()
 	_ = s.raw.Close()
+	if s.rec != nil {
+		s.rec.Release() // forgets the secrets
+	}
 }
 
 // startTLS upgrades the session with NBD_OPT_STARTTLS. It never falls back
