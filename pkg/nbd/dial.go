@@ -36,23 +36,19 @@ func Dial(ctx context.Context, u *URI, opts ...Option) (*Conn, error) {
 	return c, err
 }
 
-// refusedTLS12 reports whether the server refused the TLS 1.2-only
-// offer of WithKernelTLS (and might accept TLS 1.3).
+// refusedTLS12 reports whether a TLS handshake offering at most TLS 1.2
+// (WithKernelTLS) failed for a reason other than this client's refusal of
+// the server's certificate: the server may insist on TLS 1.3. Servers say
+// so differently — crypto/tls sends a protocol_version alert, GnuTLS under
+// qemu-nbd just closes the connection — so any such failure is retried
+// once with TLS 1.3 allowed.
 func refusedTLS12(err error) bool {
-	// crypto/tls reports an alert from the peer as a *net.OpError "remote
-	// error" around its (unexported) alert type, whose text is that of
-	// the exported tls.AlertError with the same code.
-	var oe *net.OpError
-	if !errors.As(err, &oe) || oe.Op != "remote error" || oe.Err == nil {
+	var he *tlsHandshakeError
+	if !errors.As(err, &he) || he.maxVersion != tls.VersionTLS12 {
 		return false
 	}
-	// protocol_version, handshake_failure, insufficient_security (RFC 8446 §6).
-	for _, a := range []tls.AlertError{70, 40, 71} {
-		if oe.Err.Error() == a.Error() {
-			return true
-		}
-	}
-	return false
+	var cv *tls.CertificateVerificationError
+	return !errors.As(err, &cv)
 }
 
 func dial(ctx context.Context, u *URI, cfg *config) (*Conn, error) {

@@ -217,7 +217,7 @@ func (s *session) startTLS(cfg *tls.Config) error {
 	}
 	if err := tc.Handshake(); err != nil {
 		s.clean = false
-		return fmt.Errorf("TLS handshake: %w", err)
+		return &tlsHandshakeError{err: err, maxVersion: cfg.MaxVersion}
 	}
 	if s.rec != nil {
 		if err := s.rec.HandshakeDone(); err != nil {
@@ -229,6 +229,16 @@ func (s *session) startTLS(cfg *tls.Config) error {
 	s.tls = true
 	return nil
 }
+
+// tlsHandshakeError is a failed TLS handshake; maxVersion is the highest
+// version offered (0: crypto/tls's default).
+type tlsHandshakeError struct {
+	err        error
+	maxVersion uint16
+}
+
+func (e *tlsHandshakeError) Error() string { return "TLS handshake: " + e.err.Error() }
+func (e *tlsHandshakeError) Unwrap() error { return e.err }
 
 // infoRequest encodes the payload of NBD_OPT_INFO / NBD_OPT_GO.
 func infoRequest(name string, infos ...uint16) []byte {

@@ -83,3 +83,35 @@ func readOverStream(t *testing.T, c *nbd.Conn) {
 		t.Fatalf("bad reply header % x", reply[:16])
 	}
 }
+
+// TestInteropKernelTLS13Only: a server that refuses TLS 1.2 (qemu-nbd with
+// a GnuTLS priority without it) answers the kernel-TLS offer of TLS 1.2
+// with a protocol_version alert; Dial redials allowing TLS 1.3, and the
+// TLS 1.3 state is proven as for TLS 1.2. Before, the alert (which
+// crypto/tls reports as a remote-error *net.OpError, not a tls.AlertError)
+// was not recognised and the dial failed.
+func TestInteropKernelTLS13Only(t *testing.T) {
+	certs := servers.GenerateCerts(t)
+	img := t.TempDir() + "/disk.img"
+	emptyFile(t, img, 1<<20)
+	s := servers.QemuNBD(t, servers.TCP,
+		"--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,priority=NORMAL:-VERS-ALL:+VERS-TLS1.3,dir="+certs.Dir,
+		"--tls-creds=tls0", "-x", "disk", "-f", "raw", img)
+	c, err := nbd.Dial(testCtx(t), mustURI(t, s.TLSURI("disk")), nbd.WithTLS(&nbd.TLSOptions{CAFile: certs.CAFile}), nbd.WithKernelTLS(false))
+	if err != nil {
+		t.Fatalf("Dial of a TLS 1.3-only server with kernel TLS: %v", err)
+	}
+	defer c.Close()
+	f, info, err := c.KernelTLS()
+	switch {
+	case err == nil:
+		f.Close()
+		if info.Version != 0x0304 {
+			t.Errorf("offloaded version %#x, want TLS 1.3", info.Version)
+		}
+	case !errors.Is(err, ktls.ErrUnavailable):
+		t.Fatalf("KernelTLS = %v, want success or ErrUnavailable", err)
+	default:
+		readOverStream(t, c)
+	}
+}
