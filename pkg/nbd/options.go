@@ -90,9 +90,10 @@ func WithTLS(t *TLSOptions) Option { return func(c *config) { c.tls = t } }
 // the kernel can do a TLS 1.2 session for its whole life, while in TLS 1.3
 // the server may update its keys (GnuTLS does after 2^24 records with
 // AES-GCM), which the kernel cannot follow with no userspace watching: the
-// connection then ends and must be replaced. A server that refuses TLS 1.2
-// (protocol_version, handshake_failure or insufficient_security alert) is
-// dialled again allowing TLS 1.3; allow13 allows it from the start.
+// connection then ends and must be replaced. A TLS 1.2 handshake that
+// fails for any reason but a refused server certificate is tried again
+// allowing TLS 1.3 (servers refuse TLS 1.2 differently: an alert, or just
+// closing); allow13 allows it from the start.
 func WithKernelTLS(allow13 bool) Option {
 	return func(c *config) { c.kernelTLS, c.kernelTLS13 = true, allow13 }
 }
