@@ -3,6 +3,7 @@
 package kernel
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -17,6 +18,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -473,3 +475,63 @@ func noTLSModule(t *testing.T) {
 }
 
 func unsafePointer(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
+
+// TestKernelKTLSCLI: `nbd-csi attach` of a TLS export with kernel TLS
+// returns with the device usable, as for a plaintext export, and the
+// device keeps serving I/O after the command exited (no relay process);
+// with --tls=relay the command stays in the foreground and SIGTERM
+// detaches.
+func TestKernelKTLSCLI(t *testing.T) {
+	requireKernel(t)
+	bin := pluginBinary(t)
+	certs := servers.GenerateCerts(t)
+	srv := servers.Nbdkit(t, servers.TCP, "--tls=require", "--tls-certificates="+certs.Dir, "memory", "size=64M")
+	out, err := exec.Command(bin, "attach", "--id", "cli-ktls", "--tls-ca", certs.CAFile, srv.TLSURI("")).Output()
+	if err != nil {
+		t.Fatalf("attach: %v", err)
+	}
+	dev := strings.TrimSpace(string(out))
+	data := randomBytes(t, 1<<20)
+	write(t, dev, true, data)
+	if got := read(t, dev, true, len(data)); sum(got) != sum(data) {
+		t.Fatal("data read back differs")
+	}
+	if err := exec.Command(bin, "detach", "--id", "cli-ktls").Run(); err != nil {
+		t.Fatalf("detach: %v", err)
+	}
+	// A wrong CA is refused.
+	other := servers.GenerateCerts(t)
+	if out, err := exec.Command(bin, "attach", "--id", "cli-bad", "--tls-ca", other.CAFile, srv.TLSURI("")).CombinedOutput(); err == nil ||
+		!strings.Contains(string(out), "unknown authority") {
+		t.Errorf("attach with the wrong CA: %v: %s", err, out)
+	}
+
+	cmd := exec.Command(bin, "attach", "--tls=relay", "--id", "cli-relay", "--tls-ca", certs.CAFile, srv.TLSURI(""))
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("relay attach printed nothing: %v", err)
+	}
+	dev = strings.TrimSpace(line)
+	if got := read(t, dev, true, len(data)); sum(got) != sum(data) {
+		t.Fatal("relay device: data read back differs")
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("relay attach after SIGTERM: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("relay attach did not exit after SIGTERM")
+	}
+	if backendAttached(t, "nbd-csi-cli:cli-relay") {
+		t.Error("relay device still attached after the command exited")
+	}
+}
