@@ -23,6 +23,7 @@ args=(-file "$work/nbd-csi:/bin/nbd-csi" -file bench/ktls-guest.sh:/bin/ktls-gue
 for f in ca-cert.pem server-cert.pem server-key.pem; do
 	args+=(-file "$work/certs/$f:/certs/$f")
 done
+# BENCH_LOG=FILE keeps the whole VM output (for a failing run).
 go run ./test/vm/cmd/vmrun -timeout 20m -mem 3072 "${args[@]}" -- \
-	'modprobe nbd nbds_max=16 max_part=0 && modprobe tls && modprobe aesni-intel && /bin/ktls-guest.sh' \
-	| sed -n '/BENCH-BEGIN/,/BENCH-END/p' | grep -v BENCH-
+	'modprobe nbd nbds_max=16 max_part=0 && modprobe tls && modprobe aesni-intel && sh -x /bin/ktls-guest.sh 2>/tmp/trace || { tail -30 /tmp/trace; exit 1; }' \
+	| tee "${BENCH_LOG:-/dev/null}" | sed -n '/BENCH-BEGIN/,/BENCH-END/p' | grep -v BENCH-
