@@ -442,6 +442,9 @@ func TestKernelKTLSFallback(t *testing.T) {
 	if a.TLS != driver.TLSRelay || a.TLSFallback == "" {
 		t.Fatalf("attachment TLS = %q, fallback %q; want relay with a reason", a.TLS, a.TLSFallback)
 	}
+	if ev := n.sawEvents(); !slices.Contains(ev, "tls-relay-fallback") {
+		t.Errorf("events %v lack tls-relay-fallback", ev)
+	}
 	t.Logf("fallback reason: %s", a.TLSFallback)
 	mixedIO(t, a.Device, img, 16<<20)
 	n.unpublishUnstage("ktls-fb", target)
