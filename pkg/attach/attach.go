@@ -42,8 +42,9 @@ type Options struct {
 	Device device.Options
 	// SecretsDir keeps the TLS material of TLS volumes (mode 0700, files
 	// 0600) so that a restarted plugin can reconnect them; empty disables
-	// that, and TLS volumes then stall after a plugin restart until
-	// restaged.
+	// that, and then a relayed TLS volume stalls after a plugin restart
+	// until restaged, and a kernel-TLS one cannot be reconnected by a later
+	// process once its connection dies.
 	SecretsDir string
 	// PollInterval is how often supervised devices are checked besides
 	// LINK_DEAD notifications (0: the device package default).
