@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -202,6 +203,21 @@ func TestKernelKTLS(t *testing.T) {
 			})
 		}
 	}
+	t.Run("multi-conn", func(t *testing.T) {
+		img := backingFile(t, 32<<20)
+		s := ktlsServers[0].start(t, certs, img, false)
+		vol := "ktls-multiconn"
+		target := n.stagePublishSecrets(vol, blockCap(), map[string]string{driver.KeyURI: s.TLSURI(""), driver.KeyConnections: "4"}, tlsSecrets(t, certs, false))
+		a := n.attachment(vol)
+		if a.TLS != driver.TLSKernel {
+			t.Fatalf("attachment TLS = %q (%s)", a.TLS, a.TLSFallback)
+		}
+		if got := clientConns(t, s.Address()); got != 4 {
+			t.Errorf("%d client connections to the server, want 4", got)
+		}
+		mixedIO(t, a.Device, img, 32<<20)
+		n.unpublishUnstage(vol, target)
+	})
 	t.Run("tls=kernel", func(t *testing.T) {
 		img := backingFile(t, 16<<20)
 		s := ktlsServers[0].start(t, certs, img, false)
@@ -212,6 +228,31 @@ func TestKernelKTLS(t *testing.T) {
 		}
 		n.unpublishUnstage(vol, target)
 	})
+}
+
+// clientConns counts established TCP connections to addr (host:port of
+// 127.0.0.1) seen from the client side.
+func clientConns(t *testing.T, addr string) int {
+	t.Helper()
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p int
+	fmt.Sscan(port, &p)
+	want := fmt.Sprintf("0100007F:%04X", p)
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 3 && f[2] == want && f[3] == "01" {
+			n++
+		}
+	}
+	return n
 }
 
 // relaySockets counts the unix sockets of this process (a relay holds a
