@@ -74,6 +74,7 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/nbd/
 	bench/handshake.sh
 	bench/kernel.sh
+	bench/ktls.sh
 	$(GO) test -run '^$$' -bench BenchmarkCreateDelete -benchtime 200x ./pkg/driver/
 	$(GO) test -run '^$$' -bench BenchmarkWipe -benchtime 1x -timeout 30m -v ./bench/wipe/
 	KUBE_APISERVER=$$(hack/kube-apiserver.sh) $(GO) test -run '^$$' -bench BenchmarkKubeClaimRelease -benchtime 200x -timeout 30m ./pkg/store/kubestore/

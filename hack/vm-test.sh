@@ -18,11 +18,13 @@ suites=(
 )
 
 # The plugin binary, for tests that run `nbd-csi serve` as a process.
+# aesni-intel provides gcm(aes) to the kernel's TLS layer; on a real node
+# udev loads it at boot (CPU modalias), in the VM nothing does.
 bindir=$(mktemp -d)
 trap 'rm -rf "$bindir"' EXIT
 CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
 args=(-file "$bindir/nbd-csi:/bin/nbd-csi" -env NBDCSI_BIN=/bin/nbd-csi)
-script="modprobe nbd nbds_max=16 max_part=0 && modprobe unix_diag && modprobe inet_diag && modprobe tcp_diag"
+script="modprobe nbd nbds_max=16 max_part=0 && modprobe unix_diag && modprobe inet_diag && modprobe tcp_diag && modprobe aesni-intel"
 declare -A built=()
 for suite in "${suites[@]}"; do
 	p=${suite%%:*}

@@ -71,6 +71,7 @@ func runAttach(ctx context.Context, args []string, stdout io.Writer) error {
 	timeout := fs.Duration("timeout", 30*time.Second, "per-request I/O timeout (0: wait indefinitely)")
 	dead := fs.Duration("dead-conn-timeout", 0, "how long I/O waits for a reconnect; needs a process to reconnect, so 0 unless --ioctl")
 	id := fs.String("id", "", "identity recorded in the device's backend identifier (default: random)")
+	tlsMode := fs.String("tls", driver.TLSKernel, "for a TLS export: kernel (the kernel's TLS layer carries the session; the command exits as for a plaintext export) or relay (this command relays the session and stays until Ctrl-C, then detaches)")
 	if err := parseFlags(fs, args, "attach [flags] URI"); err != nil {
 		return err
 	}
@@ -98,20 +99,29 @@ func runAttach(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := a.Ready(ctx); err != nil {
 		return err
 	}
-	spec := driver.AttachSpec{VolumeID: *id, URI: u, TLS: cf.tlsOptions(), Connections: *conns, Timeout: *timeout, DeadConnTimeout: *dead}
-	if spec.TLS != nil || u.TLS() {
-		return fmt.Errorf("%w: a TLS export needs a process relaying it for as long as the device lives; use the CSI node plugin", errUsage)
+	if *tlsMode != driver.TLSKernel && *tlsMode != driver.TLSRelay {
+		return fmt.Errorf("%w: --tls=%q, want kernel or relay", errUsage, *tlsMode)
 	}
+	spec := driver.AttachSpec{VolumeID: *id, URI: u, TLS: cf.tlsOptions(), Connections: *conns, Timeout: *timeout, DeadConnTimeout: *dead, TLSMode: *tlsMode}
 	att, err := a.Attach(ctx, spec)
 	if err != nil {
+		if (spec.TLS != nil || u.TLS()) && *tlsMode == driver.TLSKernel {
+			return fmt.Errorf("%w (--tls=relay attaches through a relay in this command, which then stays until Ctrl-C)", err)
+		}
 		return err
 	}
 	fmt.Fprintln(stdout, att.Device)
-	if !df.ioctl {
+	relay := att.TLS == driver.TLSRelay
+	if !df.ioctl && !relay {
 		return nil
 	}
-	// An ioctl device is served by a thread of this process.
-	fmt.Fprintf(os.Stderr, "%s is attached with ioctl and lives as long as this command: press Ctrl-C (or send SIGTERM) to detach\n", att.Device)
+	// An ioctl device is served by a thread of this process, a relayed TLS
+	// session by its goroutines.
+	why := "is attached with ioctl"
+	if relay {
+		why = "carries TLS through a relay in this command"
+	}
+	fmt.Fprintf(os.Stderr, "%s %s and lives as long as this command: press Ctrl-C (or send SIGTERM) to detach\n", att.Device, why)
 	sig, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	<-sig.Done()

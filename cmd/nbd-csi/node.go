@@ -68,6 +68,7 @@ var supervisionKinds = map[device.EventKind]driver.SupervisionKind{
 	device.EventReconnected:       driver.Reconnected,
 	device.EventGaveUp:            driver.GaveUp,
 	device.EventDeviceGone:        driver.DeviceGone,
+	device.EventTLSRelay:          driver.TLSRelayFallback,
 	device.EventStatusFailed:      driver.StatusFailed,
 	device.EventWatching:          driver.Watching,
 }
@@ -106,6 +107,23 @@ func newNodeService(ctx context.Context, opts driver.NodeOptions, af attachFlags
 		func(context.Context) (map[string]float64, error) {
 			healthy, degraded := att.Health()
 			return map[string]float64{"healthy": float64(healthy), "degraded": float64(degraded)}, nil
+		})
+	m.Gauges("node_tls_volumes", "TLS volumes attached on this node, by how their connections are encrypted: kernel (kernel TLS, no process in the data path) or relay (the plugin's relay, the fallback where the kernel cannot; docs/tls.md).", "mode",
+		func(ctx context.Context) (map[string]float64, error) {
+			out := map[string]float64{driver.TLSKernel: 0, driver.TLSRelay: 0}
+			if att.Ready(ctx) != nil {
+				return out, nil
+			}
+			atts, err := att.List(ctx)
+			if err != nil {
+				return nil, err
+			}
+			for _, a := range atts {
+				if a.TLS != "" {
+					out[a.TLS]++
+				}
+			}
+			return out, nil
 		})
 	registerVolumeMetrics(m, att, reporter)
 	if err := att.Ready(ctx); err != nil {

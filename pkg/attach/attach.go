@@ -23,6 +23,7 @@ import (
 
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
@@ -41,8 +42,9 @@ type Options struct {
 	Device device.Options
 	// SecretsDir keeps the TLS material of TLS volumes (mode 0700, files
 	// 0600) so that a restarted plugin can reconnect them; empty disables
-	// that, and TLS volumes then stall after a plugin restart until
-	// restaged.
+	// that, and then a relayed TLS volume stalls after a plugin restart
+	// until restaged, and a kernel-TLS one cannot be reconnected by a later
+	// process once its connection dies.
 	SecretsDir string
 	// PollInterval is how often supervised devices are checked besides
 	// LINK_DEAD notifications (0: the device package default).
@@ -166,6 +168,10 @@ type negotiated struct {
 	files  []*os.File
 	relays []*relay // relays[i] serves files[i] (TLS), or nil
 	info   nbd.ExportInfo
+	// tls is how a TLS export's connections are encrypted:
+	// driver.TLSKernel or driver.TLSRelay; empty for plaintext.
+	// fallback says why kernel TLS was not used (TLSAuto only).
+	tls, fallback string
 }
 
 // takeRelay hands relay i to the caller (closeAll no longer closes it).
@@ -197,6 +203,9 @@ func (n *negotiated) closeAll() {
 // profile and returns a socket per connection.
 func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, error) {
 	opts := tlsOpts(spec)
+	if kernelTLSMode(spec) != driver.TLSRelay {
+		opts = append(opts, nbd.WithKernelTLS(false))
+	}
 	n := &negotiated{}
 	ok := false
 	defer func() {
@@ -221,15 +230,9 @@ func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, 
 			return nil, fmt.Errorf("connection %d saw size %d flags %v, connection 1 size %d flags %v", i+1, info.Size, info.Flags, n.info.Size, n.info.Flags)
 		}
 		if info.TLS {
-			// The kernel cannot speak TLS: it gets a socket pair, and this
-			// process encrypts.
-			r, err := newRelay(c.Stream())
-			if err != nil {
-				c.Stream().Close()
+			if err := n.addTLS(ctx, spec, c); err != nil {
 				return nil, err
 			}
-			n.relays = append(n.relays, r)
-			n.files = append(n.files, r.kernel)
 			continue
 		}
 		f, err := c.File()
@@ -242,6 +245,61 @@ func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, 
 	}
 	ok = true
 	return n, nil
+}
+
+// kernelTLSMode returns the volume's TLS mode (TLSAuto when unset).
+func kernelTLSMode(spec driver.AttachSpec) string {
+	if spec.TLSMode == "" {
+		return driver.TLSAuto
+	}
+	return spec.TLSMode
+}
+
+// addTLS gives the kernel the TLS connection c: its own socket with the
+// session moved into the kernel's TLS layer (kTLS), or, where that is
+// impossible and the volume allows it, one end of a socket pair that a
+// relay in this process encrypts. c is consumed either way. A TLS session
+// never reaches the kernel as plaintext: File refuses TLS connections, and
+// a failed offload either leaves the session intact for the relay or is
+// redialled.
+func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.Conn) error {
+	mode := kernelTLSMode(spec)
+	if mode != driver.TLSRelay {
+		f, _, err := c.KernelTLS()
+		if err == nil {
+			c.Close()
+			n.files = append(n.files, f)
+			n.relays = append(n.relays, nil)
+			n.tls = driver.TLSKernel
+			return nil
+		}
+		if mode == driver.TLSKernel {
+			c.Close()
+			return fmt.Errorf("%w: %s=%s: %w", nbd.ErrPlatform, driver.KeyTLS, driver.TLSKernel, err)
+		}
+		n.fallback = err.Error()
+		if errors.Is(err, ktls.ErrBroken) {
+			// The session cannot go on; a fresh one goes to the relay.
+			c.Close()
+			if c, err = nbd.Dial(ctx, spec.URI, tlsOpts(spec)...); err != nil {
+				return err
+			}
+			if !c.Export().TLS {
+				c.Close()
+				return fmt.Errorf("%w: the redialled connection is not TLS", nbd.ErrTLSUnavailable)
+			}
+		}
+	}
+	// The kernel gets a socket pair, and this process encrypts.
+	r, err := newRelay(c.Stream())
+	if err != nil {
+		c.Stream().Close()
+		return err
+	}
+	n.relays = append(n.relays, r)
+	n.files = append(n.files, r.kernel)
+	n.tls = driver.TLSRelay
+	return nil
 }
 
 // blockSize picks the device block size: the override, else the server's
@@ -326,7 +384,9 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	// online resize is refused).
 	w := a.newWatch(spec, d, conns, len(ids) > 0 && a.diag(ids[0]))
 	w.size, w.flags, w.flagsKnown = d.SizeBytes, uint16(n.info.Flags), true
+	w.tls, w.tlsFallback = n.tls, n.fallback
 	a.start(w)
+	w.reportRelay(n)
 	return a.attachment(spec.VolumeID, *d), nil
 }
 
@@ -434,6 +494,7 @@ func (a *Attacher) attachment(volumeID string, d device.Device) *driver.Attachme
 	if w := a.watchOf(volumeID); w != nil && w.index == d.Index {
 		w.mu.Lock()
 		att.Healthy, att.Condition = w.healthy, w.condition
+		att.TLS, att.TLSFallback = w.tls, w.tlsFallback
 		w.mu.Unlock()
 	}
 	return att

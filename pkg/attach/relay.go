@@ -12,9 +12,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// relay carries NBD between the kernel and a TLS session. The kernel speaks
-// plain NBD and cannot do TLS, so for a TLS export it gets one end of a unix
-// socket pair and this process encrypts: kernel ↔ pair ↔ relay ↔ TLS ↔ server.
+// relay carries NBD between the kernel and a TLS session, the fallback
+// where the session cannot move into the kernel's TLS layer (see
+// negotiated.addTLS): the kernel gets one end of a unix socket pair and
+// this process encrypts: kernel ↔ pair ↔ relay ↔ TLS ↔ server.
 // The relay lives as long as this process; when it dies the kernel sees a
 // dead connection and a reconnect (by the next process) supplies a new pair.
 type relay struct {

@@ -117,6 +117,9 @@ type watch struct {
 	size       uint64 // the export size a reconnect must offer at least
 	flags      uint16
 	flagsKnown bool
+	// tls and tlsFallback are how the last connections handed over are
+	// encrypted, and why not by the kernel (see negotiated).
+	tls, tlsFallback string
 }
 
 func (w *watch) setHealth(healthy bool, condition string) {
@@ -426,11 +429,25 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 	if !w.flagsKnown && len(taken) > 0 {
 		w.flags, w.flagsKnown = uint16(n.info.Flags), true
 	}
+	if len(taken) > 0 {
+		w.tls, w.tlsFallback = n.tls, n.fallback
+	}
 	w.mu.Unlock()
+	if len(taken) > 0 {
+		w.reportRelay(n)
+	}
 	if len(taken) == 0 && !probe {
 		return 0, fmt.Errorf("the kernel took none of %d sockets (its connections were not yet marked dead)", len(ids))
 	}
 	return len(taken), nil
+}
+
+// reportRelay tells OnEvent when n's connections go through the relay
+// although the volume allows kernel TLS (tls=auto fell back).
+func (w *watch) reportRelay(n *negotiated) {
+	if n.tls == driver.TLSRelay && n.fallback != "" {
+		w.emit(device.Event{Kind: device.EventTLSRelay, Err: errors.New(n.fallback)})
+	}
 }
 
 // blind ends an attempt when sock_diag cannot say what the kernel took:
@@ -459,6 +476,7 @@ func (w *watch) blind(ids []sockID, n *negotiated, handles []*os.File, probe boo
 	if !w.flagsKnown {
 		w.flags, w.flagsKnown = uint16(n.info.Flags), true
 	}
+	w.tls, w.tlsFallback = n.tls, n.fallback
 	if probe {
 		return 0
 	}

@@ -95,6 +95,10 @@ const (
 	// EventWatching: the LINK_DEAD subscription is in place; links that
 	// die from now on are noticed.
 	EventWatching
+	// EventTLSRelay: a TLS connection was handed over through the
+	// userspace relay because the kernel could not take the TLS session
+	// (Err says why); emitted by pkg/attach.
+	EventTLSRelay
 
 	endEventKinds // keep last: EventKinds lists the kinds before it
 )
@@ -131,6 +135,8 @@ func (k EventKind) String() string {
 		return "status-failed"
 	case EventWatching:
 		return "watching"
+	case EventTLSRelay:
+		return "tls-relay-fallback"
 	}
 	return fmt.Sprintf("EventKind(%d)", int(k))
 }

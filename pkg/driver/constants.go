@@ -44,6 +44,19 @@ const (
 	// opens it with the passphrase from the node-stage secret key
 	// SecretEncryptionPassphrase.
 	KeyEncrypted = "encrypted"
+	// KeyTLS chooses how a TLS volume's data path is encrypted on the
+	// node: TLSKernel (the kernel's TLS layer, kTLS; attaching fails where
+	// the kernel cannot), TLSAuto (the default: kTLS where the kernel can,
+	// else the plugin's relay, visibly) or TLSRelay (always the relay).
+	// Ignored for plaintext volumes.
+	KeyTLS = "tls"
+)
+
+// Values of KeyTLS.
+const (
+	TLSKernel = "kernel"
+	TLSAuto   = "auto"
+	TLSRelay  = "relay"
 )
 
 // Node-stage secret keys (the kubernetes.io/tls convention).

@@ -42,6 +42,11 @@ const (
 	StatusFailed
 	// Watching: supervision is in place.
 	Watching
+	// TLSRelayFallback: a TLS volume's connection goes through the
+	// plugin's relay because the kernel could not take the TLS session
+	// (tls=auto); Err says why. Unlike with kernel TLS, the volume's I/O
+	// then stalls while the plugin restarts.
+	TLSRelayFallback
 )
 
 // SupervisionEvent is one event of a volume's connection supervision.
@@ -70,6 +75,7 @@ const (
 	ReasonDegraded       = "NBDDegraded"
 	ReasonGaveUp         = "NBDReconnectGaveUp"
 	ReasonDeviceGone     = "NBDDeviceGone"
+	ReasonTLSRelay       = "NBDTLSRelayFallback"
 )
 
 // PVLookup finds the PersistentVolume of a CSI volume for Events.
@@ -165,6 +171,8 @@ func (r *SupervisionReporter) Report(e SupervisionEvent) {
 		log.Error(e.Err, "NBD device was disconnected; supervision ended")
 	case StatusFailed:
 		log.Error(e.Err, "Checking the NBD device failed; supervision goes on")
+	case TLSRelayFallback:
+		log.Info("TLS volume uses the plugin's relay: the kernel cannot take the TLS session", "reason", errString(e.Err))
 	default:
 		log.V(2).Info("NBD supervision event")
 	}
@@ -172,7 +180,7 @@ func (r *SupervisionReporter) Report(e SupervisionEvent) {
 		return
 	}
 	switch e.Kind {
-	case ConnectionLost, Reconnected, Degraded, GaveUp, DeviceGone:
+	case ConnectionLost, Reconnected, Degraded, GaveUp, DeviceGone, TLSRelayFallback:
 	default:
 		return
 	}
@@ -237,6 +245,9 @@ func (r *SupervisionReporter) emit(ctx context.Context, e SupervisionEvent) {
 		r.recorder.Eventf(ref, corev1.EventTypeWarning, ReasonGaveUp, "Reconnecting gave up %s: %v; I/O to the volume fails", where, e.Err)
 	case DeviceGone:
 		r.recorder.Eventf(ref, corev1.EventTypeWarning, ReasonDeviceGone, "The NBD device was disconnected %s; I/O to the volume fails", where)
+	case TLSRelayFallback:
+		r.recorder.Eventf(ref, corev1.EventTypeWarning, ReasonTLSRelay,
+			"TLS connection %s goes through the node plugin's relay (the kernel cannot take the TLS session: %v); I/O stalls while the plugin restarts", where, e.Err)
 	}
 }
 

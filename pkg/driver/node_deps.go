@@ -28,6 +28,9 @@ type AttachSpec struct {
 	BlockSize       uint32
 	// ReadOnly attaches a read-only device even if the export is writable.
 	ReadOnly bool
+	// TLSMode is KeyTLS (TLSKernel, TLSAuto or TLSRelay; empty means
+	// TLSAuto); it matters only for a TLS export.
+	TLSMode string
 }
 
 // Attachment is a volume attached on this node, as the kernel reports it.
@@ -44,6 +47,12 @@ type Attachment struct {
 	// Condition then says why.
 	Healthy   bool
 	Condition string
+	// TLS is how a TLS volume's connections are encrypted: TLSKernel or
+	// TLSRelay (empty for a plaintext volume, or when unknown, e.g. for a
+	// volume adopted after a restart before its first reconnect).
+	// TLSFallback says why a TLSAuto volume uses the relay.
+	TLS         string
+	TLSFallback string
 }
 
 // ErrNotAttached is returned by VolumeAttacher.Lookup for a volume with no

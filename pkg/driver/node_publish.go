@@ -130,7 +130,7 @@ func (s *NodeService) ensureStaged(ctx context.Context, rec *VolumeRecord) (*Att
 		}
 		logger(ctx).Info("Device missing, re-attaching from state record")
 		att, err = s.attacher.Attach(ctx, AttachSpec{VolumeID: rec.VolumeID, URI: params.URI, Connections: params.Connections,
-			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: rec.ReadOnly})
+			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, TLSMode: params.TLSMode, ReadOnly: rec.ReadOnly})
 		if err != nil {
 			return nil, statusError("re-attach", err)
 		}

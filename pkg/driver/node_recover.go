@@ -46,7 +46,7 @@ func (s *NodeService) Start(ctx context.Context) {
 			continue // an operation on it is already running: it sees to the device
 		}
 		specs = append(specs, AttachSpec{VolumeID: r.VolumeID, URI: params.URI, Connections: params.Connections,
-			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: r.ReadOnly})
+			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, TLSMode: params.TLSMode, ReadOnly: r.ReadOnly})
 	}
 	go func() {
 		s.adoptAll(ctx, specs)

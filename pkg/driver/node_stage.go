@@ -95,7 +95,7 @@ func (s *NodeService) NodeStageVolume(ctx context.Context, req *csi.NodeStageVol
 	att, err := s.attacher.Lookup(ctx, volumeID)
 	if errors.Is(err, ErrNotAttached) {
 		spec := AttachSpec{VolumeID: volumeID, URI: params.URI, TLS: tlsOpts, Connections: params.Connections,
-			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, ReadOnly: c.readOnly}
+			Timeout: params.Timeout, DeadConnTimeout: params.DeadConnTimeout, BlockSize: params.BlockSize, TLSMode: params.TLSMode, ReadOnly: c.readOnly}
 		log.V(2).Info("Attaching", "uri", params.URI.String(), "connections", params.Connections)
 		att, err = s.attacher.Attach(ctx, spec)
 		if err != nil {

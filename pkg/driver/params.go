@@ -39,6 +39,8 @@ type VolumeParams struct {
 	MkfsOptions []string
 	// Encrypted puts LUKS2 under the filesystem or block device.
 	Encrypted bool
+	// TLSMode is KeyTLS: TLSKernel, TLSAuto (default) or TLSRelay.
+	TLSMode string
 }
 
 // nodeKeys are the volume context keys the node understands.
@@ -46,7 +48,7 @@ var nodeKeys = map[string]bool{
 	KeyURI: true, KeyConnections: true, KeyTimeout: true,
 	KeyDeadConnectionTimeout: true, KeyBlockSize: true, KeyMkfsOptions: true,
 	KeyServerID:  true, // the controller's (fencing by export); the node ignores it
-	KeyEncrypted: true,
+	KeyEncrypted: true, KeyTLS: true,
 }
 
 // ParseVolumeContext validates a volume context. Keys containing "/" are
@@ -56,10 +58,10 @@ var nodeKeys = map[string]bool{
 func ParseVolumeContext(vc map[string]string) (*VolumeParams, error) {
 	for k := range vc {
 		if !nodeKeys[k] && !strings.Contains(k, "/") {
-			return nil, fmt.Errorf("volume context: unknown key %q (known: uri, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions, serverID, encrypted)", k)
+			return nil, fmt.Errorf("volume context: unknown key %q (known: uri, connections, timeout, deadConnectionTimeout, blockSize, mkfsOptions, serverID, encrypted, tls)", k)
 		}
 	}
-	p := &VolumeParams{Connections: 1, DeadConnTimeout: defaultDeadConnTmo}
+	p := &VolumeParams{Connections: 1, DeadConnTimeout: defaultDeadConnTmo, TLSMode: TLSAuto}
 	raw, ok := vc[KeyURI]
 	if !ok || raw == "" {
 		return nil, fmt.Errorf("volume context: %q is required (the NBD URI of the export)", KeyURI)
@@ -101,6 +103,12 @@ func ParseVolumeContext(vc map[string]string) (*VolumeParams, error) {
 			return nil, fmt.Errorf("volume context %q: %q is not true or false", KeyEncrypted, v)
 		}
 		p.Encrypted = b
+	}
+	if v, ok := vc[KeyTLS]; ok {
+		if v != TLSKernel && v != TLSAuto && v != TLSRelay {
+			return nil, fmt.Errorf("volume context %q: %q must be %q, %q or %q", KeyTLS, v, TLSKernel, TLSAuto, TLSRelay)
+		}
+		p.TLSMode = v
 	}
 	return p, nil
 }

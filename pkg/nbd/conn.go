@@ -4,6 +4,8 @@ package nbd
 
 import (
 	"net"
+
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 )
 
 // Profile selects what the handshake negotiates, which decides who can
@@ -48,6 +50,11 @@ type Conn struct {
 	profile Profile
 	// tx drives requests and replies for ProfileUserspace; nil otherwise.
 	tx *transmitter
+	// rec follows the TLS session for KernelTLS (WithKernelTLS only).
+	rec *ktls.Recorder
+	// kernelTLS is set once the session moved into the kernel (or half
+	// did): the *tls.Conn must then never be written to or closed.
+	kernelTLS bool
 }
 
 // Export returns what was negotiated for the export.

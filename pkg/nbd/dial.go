@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd/internal/nbdproto"
 )
 
@@ -27,6 +28,30 @@ import (
 // NBD_OPT_ABORT before closing when the protocol state allows it.
 func Dial(ctx context.Context, u *URI, opts ...Option) (*Conn, error) {
 	cfg := newConfig(opts)
+	c, err := dial(ctx, u, cfg)
+	if err != nil && cfg.kernelTLS && !cfg.kernelTLS13 && refusedTLS12(err) {
+		cfg.kernelTLS13 = true
+		c, err = dial(ctx, u, cfg)
+	}
+	return c, err
+}
+
+// refusedTLS12 reports whether a TLS handshake offering at most TLS 1.2
+// (WithKernelTLS) failed for a reason other than this client's refusal of
+// the server's certificate: the server may insist on TLS 1.3. Servers say
+// so differently — crypto/tls sends a protocol_version alert, GnuTLS under
+// qemu-nbd just closes the connection — so any such failure is retried
+// once with TLS 1.3 allowed.
+func refusedTLS12(err error) bool {
+	var he *tlsHandshakeError
+	if !errors.As(err, &he) || he.maxVersion != tls.VersionTLS12 {
+		return false
+	}
+	var cv *tls.CertificateVerificationError
+	return !errors.As(err, &cv)
+}
+
+func dial(ctx context.Context, u *URI, cfg *config) (*Conn, error) {
 	var conn *Conn
 	err := withSession(ctx, u, cfg, func(s *session, info *ExportInfo) error {
 		if info.Handshake != HandshakeOldstyle {
@@ -35,7 +60,7 @@ func Dial(ctx context.Context, u *URI, opts ...Option) (*Conn, error) {
 			}
 		}
 		fixFlags(s, info)
-		conn = &Conn{stream: s.stream, raw: s.raw, info: *info, profile: cfg.profile}
+		conn = &Conn{stream: s.stream, raw: s.raw, info: *info, profile: cfg.profile, rec: s.rec}
 		return nil
 	})
 	if err != nil {
@@ -133,6 +158,9 @@ func withSession(ctx context.Context, u *URI, cfg *config, fn func(*session, *Ex
 		_ = tc.SetNoDelay(true)
 	}
 	s := &session{stream: raw, raw: raw, server: u.WithExport("").String(), limits: cfg.limits}
+	if cfg.kernelTLS && tlsCfg != nil && cfg.profile == ProfileKernel {
+		s.rec = ktls.NewRecorder(raw)
+	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = raw.SetDeadline(dl)
 	}
@@ -294,6 +322,46 @@ func (c *Conn) File() (*os.File, error) {
 	return f.File()
 }
 
+// KernelTLS moves the connection's TLS session into the kernel's TLS
+// layer (kTLS) and returns a duplicate of the socket for the kernel, as
+// File does for a plaintext connection: the kernel then speaks NBD over a
+// socket that encrypts and decrypts by itself, and no process relays.
+// Only for a ProfileKernel connection dialled WithKernelTLS, in the
+// transmission phase before anything was sent.
+//
+// On an error wrapping ktls.ErrUnsupported or ktls.ErrUnavailable the
+// session is unchanged and Stream can still carry it (e.g. through a
+// relay); on ktls.ErrBroken it is unusable and the Conn must be closed.
+// The caller closes the file; Close on the Conn is still needed.
+func (c *Conn) KernelTLS() (*os.File, *ktls.Info, error) {
+	if c.profile != ProfileKernel || !c.info.TLS || c.rec == nil || c.kernelTLS {
+		return nil, nil, fmt.Errorf("%w: kernel TLS needs a TLS connection dialled with the kernel profile and WithKernelTLS", ErrBadArgument)
+	}
+	tc, ok := c.stream.(*tls.Conn)
+	if !ok {
+		return nil, nil, fmt.Errorf("%w: connection of type %T is not a TLS session", ErrBadArgument, c.stream)
+	}
+	info, err := ktls.Offload(tc, c.rec)
+	if err != nil {
+		if errors.Is(err, ktls.ErrBroken) {
+			c.kernelTLS = true
+		} else {
+			c.rec.Release()
+		}
+		return nil, nil, err
+	}
+	c.kernelTLS = true
+	f, ok := c.raw.(interface{ File() (*os.File, error) })
+	if !ok {
+		return nil, nil, fmt.Errorf("%w: connection of type %T has no file descriptor", ErrBadArgument, c.raw)
+	}
+	file, err := f.File()
+	if err != nil {
+		return nil, nil, err
+	}
+	return file, info, nil
+}
+
 // Stream returns the connection the protocol is spoken over: the socket, or
 // the TLS session wrapping it. With ProfileKernel and TLS this is what a
 // relay carries to the kernel; after taking it the caller owns it and must
@@ -316,6 +384,14 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 func (c *Conn) Close() error {
 	if c.tx != nil {
 		return c.tx.close()
+	}
+	if c.rec != nil {
+		c.rec.Release() // forgets the secrets (a no-op after an offload)
+	}
+	if c.kernelTLS {
+		// The session is the kernel's: a close_notify from crypto/tls
+		// would go through its record layer as data.
+		return c.raw.Close()
 	}
 	err := c.stream.Close()
 	if c.raw != c.stream {

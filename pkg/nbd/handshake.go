@@ -13,6 +13,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd/internal/nbdproto"
 )
 
@@ -36,6 +37,9 @@ type session struct {
 	// server names the server in budget errors; limits are the budgets.
 	server string
 	limits ListLimits
+	// rec follows the TLS records for a later kernel TLS offload (only
+	// with WithKernelTLS).
+	rec *ktls.Recorder
 }
 
 // greet reads the server greeting and, for newstyle servers, answers with
@@ -177,6 +181,9 @@ func (s *session) abort() {
 func (s *session) close() {
 	_ = s.stream.Close()
 	_ = s.raw.Close()
+	if s.rec != nil {
+		s.rec.Release() // forgets the secrets
+	}
 }
 
 // startTLS upgrades the session with NBD_OPT_STARTTLS. It never falls back
@@ -198,15 +205,40 @@ func (s *session) startTLS(cfg *tls.Config) error {
 		}
 		return err
 	}
-	tc := tls.Client(s.raw, cfg)
+	var tc *tls.Conn
+	if s.rec != nil {
+		// The recorder keeps record boundaries and the secrets (in
+		// memory only) so that the session can move into the kernel.
+		cfg = cfg.Clone()
+		cfg.KeyLogWriter = s.rec.KeyLog()
+		tc = tls.Client(s.rec, cfg)
+	} else {
+		tc = tls.Client(s.raw, cfg)
+	}
 	if err := tc.Handshake(); err != nil {
 		s.clean = false
-		return fmt.Errorf("TLS handshake: %w", err)
+		return &tlsHandshakeError{err: err, maxVersion: cfg.MaxVersion}
+	}
+	if s.rec != nil {
+		if err := s.rec.HandshakeDone(); err != nil {
+			s.clean = false
+			return fmt.Errorf("TLS handshake: %w", err)
+		}
 	}
 	s.stream = tc
 	s.tls = true
 	return nil
 }
+
+// tlsHandshakeError is a failed TLS handshake; maxVersion is the highest
+// version offered (0: crypto/tls's default).
+type tlsHandshakeError struct {
+	err        error
+	maxVersion uint16
+}
+
+func (e *tlsHandshakeError) Error() string { return "TLS handshake: " + e.err.Error() }
+func (e *tlsHandshakeError) Unwrap() error { return e.err }
 
 // infoRequest encodes the payload of NBD_OPT_INFO / NBD_OPT_GO.
 func infoRequest(name string, infos ...uint16) []byte {

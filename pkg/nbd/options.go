@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd/internal/nbdproto"
 )
 
@@ -28,6 +29,9 @@ type config struct {
 	metaContexts     []string
 	handshakeTimeout time.Duration
 	netDialer        net.Dialer
+	// kernelTLS prepares TLS sessions for Conn.KernelTLS; kernelTLS13
+	// lets them use TLS 1.3 (see WithKernelTLS).
+	kernelTLS, kernelTLS13 bool
 }
 
 func newConfig(opts []Option) *config {
@@ -77,6 +81,22 @@ func WithProfile(p Profile) Option { return func(c *config) { c.profile = p } }
 // this option or by an nbds URI, the connection fails rather than continue
 // in plaintext.
 func WithTLS(t *TLSOptions) Option { return func(c *config) { c.tls = t } }
+
+// WithKernelTLS prepares a TLS connection so that Conn.KernelTLS can move
+// its session into the kernel's TLS layer. It changes nothing for a
+// plaintext connection and nothing about verification.
+//
+// Such a connection offers TLS 1.2 with the ECDHE AES-GCM suites first:
+// the kernel can do a TLS 1.2 session for its whole life, while in TLS 1.3
+// the server may update its keys (GnuTLS does after 2^24 records with
+// AES-GCM), which the kernel cannot follow with no userspace watching: the
+// connection then ends and must be replaced. A TLS 1.2 handshake that
+// fails for any reason but a refused server certificate is tried again
+// allowing TLS 1.3 (servers refuse TLS 1.2 differently: an alert, or just
+// closing); allow13 allows it from the start.
+func WithKernelTLS(allow13 bool) Option {
+	return func(c *config) { c.kernelTLS, c.kernelTLS13 = true, allow13 }
+}
 
 // WithMetaContexts sets the metadata contexts requested with the userspace
 // profile (default base:allocation). None disables NBD_OPT_SET_META_CONTEXT.
@@ -131,6 +151,10 @@ func (c *config) tlsConfig(u *URI) (*tls.Config, error) {
 		}
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.kernelTLS && !c.kernelTLS13 {
+		cfg.MaxVersion = tls.VersionTLS12
+		cfg.CipherSuites = ktls.OffloadCipherSuites
+	}
 	cfg.ServerName = o.ServerName
 	if cfg.ServerName == "" {
 		cfg.ServerName = u.ServerName()

@@ -130,9 +130,15 @@ func blockCap() *csi.VolumeCapability {
 // stagePublish stages and publishes vol and returns the target path.
 func (n *node) stagePublish(vol string, c *csi.VolumeCapability, vc map[string]string) string {
 	n.t.Helper()
+	return n.stagePublishSecrets(vol, c, vc, nil)
+}
+
+// stagePublishSecrets is stagePublish with node-stage secrets.
+func (n *node) stagePublishSecrets(vol string, c *csi.VolumeCapability, vc, secrets map[string]string) string {
+	n.t.Helper()
 	ctx := context.Background()
 	if _, err := n.svc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: n.staging(vol),
-		VolumeCapability: c, VolumeContext: vc}); err != nil {
+		VolumeCapability: c, VolumeContext: vc, Secrets: secrets}); err != nil {
 		n.t.Fatalf("stage %s: %v", vol, err)
 	}
 	target := n.target(vol)

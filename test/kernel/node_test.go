@@ -133,6 +133,39 @@ type writer struct {
 	done    chan struct{}
 	records atomic.Int64
 	err     error
+
+	mu    sync.Mutex
+	times []time.Time // when each record was acknowledged
+}
+
+// maxGapSince returns the longest time between two acknowledged records
+// (or since the last one) from t on.
+func (w *writer) maxGapSince(t time.Time) time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var gap time.Duration
+	prev := t
+	for _, at := range w.times {
+		if at.Before(t) {
+			continue
+		}
+		gap = max(gap, at.Sub(prev))
+		prev = at
+	}
+	return max(gap, time.Since(prev))
+}
+
+// resumedAfter returns how long after t the first record was
+// acknowledged.
+func (w *writer) resumedAfter(t time.Time) time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, at := range w.times {
+		if !at.Before(t) {
+			return at.Sub(t)
+		}
+	}
+	return time.Since(t)
 }
 
 func startWriter(t *testing.T, path string) *writer {
@@ -161,6 +194,9 @@ func startWriter(t *testing.T, path string) *writer {
 				w.err = fmt.Errorf("record %d: fsync: %w", i, err)
 				return
 			}
+			w.mu.Lock()
+			w.times = append(w.times, time.Now())
+			w.mu.Unlock()
 			w.records.Store(i + 1)
 		}
 	}()

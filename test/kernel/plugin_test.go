@@ -138,19 +138,27 @@ func backendAttached(t *testing.T, id string) bool {
 // error, a new process adopts the volume, and unpublish/unstage work
 // through it. SIGTERM leaves the volume attached too.
 //
-// With TLS the kernel's socket is one end of a pair relayed by the plugin,
-// so the kill cuts the connection: the new process reconnects it with the
-// TLS material it kept, within the dead-connection timeout.
+// With kernel TLS (tls-kernel) the kernel holds the TLS session, so I/O goes
+// on with no plugin, as for a plaintext volume. With the relay (tls-relay)
+// the kernel's socket is one end of a pair relayed by the plugin, so the
+// kill cuts the connection and I/O stalls until the new process reconnects
+// it with the TLS material it kept, within the dead-connection timeout. The
+// test logs how long the writer stood still in each case.
 func TestKernelPluginKilled(t *testing.T) {
 	t.Run("plain", func(t *testing.T) { pluginKilled(t, false, false) })
-	t.Run("tls", func(t *testing.T) { pluginKilled(t, true, false) })
+	t.Run("tls-kernel", func(t *testing.T) { pluginKilledTLS(t, driver.TLSKernel) })
+	t.Run("tls-relay", func(t *testing.T) { pluginKilledTLS(t, driver.TLSRelay) })
 	// Encrypted: the LUKS mapping lives in the kernel too; the restarted
 	// plugin finds it by its name (health shows no MappingMissing) and
 	// closes it at unstage.
 	t.Run("encrypted", func(t *testing.T) { pluginKilled(t, false, true) })
 }
 
-func pluginKilled(t *testing.T, useTLS, encrypted bool) {
+func pluginKilled(t *testing.T, useTLS, encrypted bool) { pluginKilledMode(t, useTLS, encrypted, "") }
+
+func pluginKilledTLS(t *testing.T, mode string) { pluginKilledMode(t, true, false, mode) }
+
+func pluginKilledMode(t *testing.T, useTLS, encrypted bool, tlsMode string) {
 	requireKernel(t)
 	root := t.TempDir()
 	kubelet, state := filepath.Join(root, "kubelet"), filepath.Join(root, "state")
@@ -161,6 +169,7 @@ func pluginKilled(t *testing.T, useTLS, encrypted bool) {
 		certs := servers.GenerateCerts(t)
 		srv := servers.Nbdkit(t, servers.TCP, "--tls=require", "--tls-certificates="+certs.Dir, "file", "file="+img)
 		vc[driver.KeyURI] = srv.TLSURI("")
+		vc[driver.KeyTLS] = tlsMode
 		ca, err := os.ReadFile(certs.CAFile)
 		if err != nil {
 			t.Fatal(err)
@@ -191,16 +200,31 @@ func pluginKilled(t *testing.T, useTLS, encrypted bool) {
 	w := startWriter(t, filepath.Join(target, "log"))
 	w.waitRecords(t, 20, time.Minute)
 
+	killed := time.Now()
+	atKill := w.records.Load()
 	p.kill()
-	if !useTLS {
-		// Plain NBD: the kernel talks to the server directly, so I/O goes
-		// on with no plugin process at all. (With TLS it stalls until the
-		// next process reconnects.)
+	if !useTLS || tlsMode == driver.TLSKernel {
+		// Plain NBD or kernel TLS: the kernel talks to the server
+		// directly, so I/O goes on with no plugin process at all.
 		w.waitRecords(t, w.records.Load()+20, time.Minute)
+		gap := w.maxGapSince(killed)
+		t.Logf("plugin dead: %d records written in %v without it; longest pause between records %v", w.records.Load()-atKill, time.Since(killed).Round(time.Millisecond), gap.Round(time.Millisecond))
+	} else {
+		// The relay died with the plugin: I/O stands still until the
+		// next process reconnects.
+		time.Sleep(5 * time.Second)
+		if progressed := w.records.Load() - atKill; progressed > 2 {
+			t.Errorf("relayed TLS volume wrote %d records with no plugin (expected a stall)", progressed)
+		}
 	}
+	restarted := time.Now()
 	p.start()
 	p.waitReady()
 	w.waitRecords(t, w.records.Load()+20, time.Minute)
+	if tlsMode == driver.TLSRelay {
+		t.Logf("relay: I/O stalled from the kill (%v before the restart) until %v after the restart; longest pause between records %v",
+			restarted.Sub(killed).Round(time.Millisecond), w.resumedAfter(restarted).Round(time.Millisecond), w.maxGapSince(killed).Round(time.Millisecond))
+	}
 	h, err := p.node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol})
 	if err != nil || len(h.VolumeHealth.HealthStatuses) != 0 {
 		t.Errorf("health after restart: %v, %v", h, err)

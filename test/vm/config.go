@@ -107,7 +107,8 @@ type Config struct {
 }
 
 // DefaultModules returns the kernel modules that every image contains
-// (with their dependencies): nbd, xfs, tls, loop, dm-mod, the
+// (with their dependencies): nbd, xfs, tls with the AES-GCM template the
+// kernel's TLS layer loads on demand (gcm, ghash), loop, dm-mod, the
 // accelerated crc32c, dm-crypt with the ciphers the kernel loads on
 // demand for LUKS2's default aes-xts-plain64 (through /sbin/modprobe) and
 // the AF_ALG sockets cryptsetup uses, and the sock_diag handlers for unix
@@ -115,7 +116,7 @@ type Config struct {
 func DefaultModules() []string {
 	return []string{"nbd", "xfs", "libcrc32c", "crc32c-intel", "tls", "loop", "dm-mod",
 		"dm-crypt", "xts", "ecb", "aesni-intel", "af_alg", "algif_skcipher", "algif_hash",
-		"unix_diag", "inet_diag", "tcp_diag"}
+		"unix_diag", "inet_diag", "tcp_diag", "gcm", "ghash-clmulni-intel", "ghash-generic"}
 }
 
 // InVM reports whether the calling process runs inside the rig's VM.

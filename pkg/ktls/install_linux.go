@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package ktls
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// linux/tls.h (not in x/sys/unix).
+const (
+	solTLS = unix.SOL_TLS
+	tlsTX  = 1
+	tlsRX  = 2
+
+	tls12Version = 0x0303
+	tls13Version = 0x0304
+)
+
+// cryptoInfo encodes the kernel's struct tls12_crypto_info_aes_gcm_128 or
+// _256 (linux/tls.h): u16 version, u16 cipher_type, iv[8], key[16|32],
+// salt[4], rec_seq[8]; no padding (every member after the header is a
+// byte array).
+func cryptoInfo(st *state, k trafficKeys, seq uint64) []byte {
+	b := make([]byte, 4+8+len(k.key)+4+8)
+	v := uint16(tls12Version)
+	if st.version == 0x0304 {
+		v = tls13Version
+	}
+	binary.NativeEndian.PutUint16(b[0:], v)
+	binary.NativeEndian.PutUint16(b[2:], st.suite.kcipher)
+	iv := b[4:12]
+	key := b[12 : 12+len(k.key)]
+	salt := b[12+len(k.key) : 16+len(k.key)]
+	recSeq := b[16+len(k.key):]
+	copy(salt, k.iv[:4])
+	if st.version == 0x0304 {
+		copy(iv, k.iv[4:])
+	} else {
+		// TLS 1.2 AES-GCM: the explicit nonce, which Go (and the
+		// kernel) keep equal to the sequence number.
+		binary.BigEndian.PutUint64(iv, seq)
+	}
+	copy(key, k.key)
+	binary.BigEndian.PutUint64(recSeq, seq)
+	return b
+}
+
+// install attaches the TLS ULP and programs TX then RX.
+func install(raw syscall.RawConn, st *state) error {
+	tx := cryptoInfo(st, st.tx, st.txSeq)
+	rx := cryptoInfo(st, st.rx, st.rxSeq)
+	defer clear(tx)
+	defer clear(rx)
+	var err error
+	cerr := raw.Control(func(fd uintptr) {
+		s := int(fd)
+		if e := unix.SetsockoptString(s, unix.SOL_TCP, unix.TCP_ULP, "tls"); e != nil {
+			err = fmt.Errorf("%w: setsockopt TCP_ULP tls: %w", ErrUnavailable, e)
+			if errors.Is(e, unix.ENOENT) {
+				err = fmt.Errorf("%w (no tls module)", err)
+			}
+			return
+		}
+		if e := unix.SetsockoptString(s, solTLS, tlsTX, string(tx)); e != nil {
+			// Without TX the ULP passes data through unchanged.
+			err = fmt.Errorf("%w: setsockopt TLS_TX (%s): %w", ErrUnavailable, st.suite.name, e)
+			if errors.Is(e, unix.ENOENT) {
+				err = fmt.Errorf("%w (the kernel's crypto API has no %s: is the gcm module available?)", err, aeadName(st))
+			}
+			return
+		}
+		if e := unix.SetsockoptString(s, solTLS, tlsRX, string(rx)); e != nil {
+			err = fmt.Errorf("%w: setsockopt TLS_RX (TX is already installed): %w", ErrBroken, e)
+		}
+	})
+	if cerr != nil {
+		return fmt.Errorf("%w: %w", ErrUnsupported, cerr)
+	}
+	return err
+}
+
+// aeadName is the kernel crypto API name of st's AEAD.
+func aeadName(*state) string { return "gcm(aes)" }
