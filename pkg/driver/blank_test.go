@@ -15,6 +15,7 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 	testingexec "k8s.io/utils/exec/testing"
@@ -396,4 +397,61 @@ func TestFormatAndMountBlankShortcut(t *testing.T) {
 		})
 		_ = m.FormatAndMount(path, t.TempDir(), FSExt4, nil, nil)
 	})
+}
+
+func TestKernelMountArgs(t *testing.T) {
+	for _, c := range []struct {
+		fstype  string
+		options []string
+		flags   uintptr
+		data    string
+		ok      bool
+	}{
+		{FSExt4, []string{"defaults"}, 0, "", true},
+		{FSExt4, []string{"noatime", "nodev", "defaults"}, unix.MS_NOATIME | unix.MS_NODEV, "", true},
+		{FSExt4, []string{"ro", "defaults"}, unix.MS_RDONLY, "", true},
+		{FSExt4, []string{"ro", "rw"}, 0, "", true},
+		{FSExt4, []string{"rw", "ro"}, unix.MS_RDONLY, "", true},
+		{FSExt4, []string{"noexec", "exec", "nosuid"}, unix.MS_NOSUID, "", true},
+		{FSExt4, []string{"discard", "defaults"}, 0, "discard", true},
+		{FSXFS, []string{"nouuid", "defaults"}, 0, "nouuid", true},
+		{FSXFS, []string{"ro", "nouuid", "discard", "defaults"}, unix.MS_RDONLY, "nouuid,discard", true},
+		// What only mount(8) knows: it runs.
+		{FSExt4, []string{"nouuid"}, 0, "", false},
+		{FSExt4, []string{"data=journal"}, 0, "", false},
+		{FSExt4, []string{"errors=remount-ro"}, 0, "", false},
+		{FSExt4, []string{"context=system_u:object_r:container_file_t:s0"}, 0, "", false},
+		{FSExt4, []string{"_netdev"}, 0, "", false},
+		{FSExt4, []string{"bind"}, 0, "", false},
+		{"", []string{"bind"}, 0, "", false},
+		{"btrfs", []string{"defaults"}, 0, "", false},
+		{"ext3", []string{"defaults"}, 0, "", false},
+	} {
+		flags, data, ok := kernelMountArgs(c.fstype, c.options)
+		if flags != c.flags || data != c.data || ok != c.ok {
+			t.Errorf("kernelMountArgs(%q, %q) = %#x, %q, %v; want %#x, %q, %v", c.fstype, c.options, flags, data, ok, c.flags, c.data, c.ok)
+		}
+	}
+}
+
+// TestSyscallMounterFallsBack: what mount(2) cannot take (unknown options,
+// sensitive options, a refusal) goes to the wrapped mounter unchanged.
+func TestSyscallMounterFallsBack(t *testing.T) {
+	fm := mount.NewFakeMounter(nil)
+	m := syscallMounter{fm}
+	target := t.TempDir()
+	// A missing source: mount(2) refuses, mount(8) (the fake) is asked.
+	if err := m.Mount(filepath.Join(target, "missing"), target, FSExt4, []string{"defaults"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Mount("/dev/x", target, FSExt4, []string{"data=journal"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.MountSensitive("/dev/y", target, FSExt4, []string{"defaults"}, []string{"secret"}); err != nil {
+		t.Fatal(err)
+	}
+	log := fm.GetLog()
+	if len(log) != 3 || log[1].Source != "/dev/x" || log[2].Source != "/dev/y" {
+		t.Errorf("wrapped mounter saw %+v", log)
+	}
 }

@@ -36,9 +36,9 @@ func TestKernelBenchBreakdown(t *testing.T) {
 		t.Skip("benchmark: set NBDCSI_BENCH=1 (bench/kernel.sh does)")
 	}
 	requireKernel(t)
-	bin := os.Getenv("NBDCSI_BIN")
-	if bin == "" {
-		t.Fatal("NBDCSI_BIN must name the nbd-csi binary")
+	bin, floor := os.Getenv("NBDCSI_BIN"), os.Getenv("NBDCSI_GOFLOOR")
+	if bin == "" || floor == "" {
+		t.Fatal("NBDCSI_BIN must name the nbd-csi binary, NBDCSI_GOFLOOR bench/gofloor's")
 	}
 	const runs = 9
 	ctx := context.Background()
@@ -69,6 +69,7 @@ func TestKernelBenchBreakdown(t *testing.T) {
 	// its package initialisation as the runtime reports it.
 	row("process: /bin/true (fork, exec, exit)", median(func() time.Duration { return run(nil, "/bin/true") }), "baseline of any process")
 	row("process: nbdinfo --version", median(func() time.Duration { return run(nil, "nbdinfo", "--version") }), "C, libnbd, dynamically linked")
+	row("process: gofloor (smallest Go program)", median(func() time.Duration { return run(nil, floor) }), "Go runtime start + exit")
 	row("process: nbd-csi version", median(func() time.Duration { return run(nil, bin, "version") }), "Go runtime start + package init + exit")
 	var inits []time.Duration
 	var pkgs int
@@ -88,6 +89,9 @@ func TestKernelBenchBreakdown(t *testing.T) {
 		}
 	}
 	med := func(ds []time.Duration) time.Duration {
+		if len(ds) == 0 {
+			return 0
+		}
 		s := append([]time.Duration(nil), ds...)
 		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 		return s[len(s)/2]
@@ -220,7 +224,7 @@ func parseInitTrace(s string) (time.Duration, int, map[string]time.Duration) {
 	for sc.Scan() {
 		// init PKG @0.5 ms, 0.1 ms clock, 1024 bytes, 12 allocs
 		f := strings.Fields(sc.Text())
-		if len(f) < 6 || f[0] != "init" || f[5] != "clock," {
+		if len(f) < 7 || f[0] != "init" || f[6] != "clock," {
 			continue
 		}
 		ms, err := strconv.ParseFloat(f[4], 64)
