@@ -455,3 +455,16 @@ func TestSyscallMounterFallsBack(t *testing.T) {
 		t.Errorf("wrapped mounter saw %+v", log)
 	}
 }
+
+// TestMkfsPatternsCompile: the option patterns are compiled at first use,
+// so a broken one would panic in a request; compile each here.
+func TestMkfsPatternsCompile(t *testing.T) {
+	if len(mkfsPatterns) < 10 {
+		t.Fatalf("only %d patterns registered", len(mkfsPatterns))
+	}
+	for _, p := range mkfsPatterns {
+		if _, err := regexp.Compile(p); err != nil {
+			t.Errorf("pattern %q: %v", p, err)
+		}
+	}
+}

@@ -28,9 +28,12 @@ import (
 // TestKernelBenchBreakdown says where `nbd-csi attach` and NodeStage spend
 // their time on this kernel: process start and package initialisation,
 // netlink set-up, the handshake, CONNECT with the readiness wait, and each
-// process NodeStage spawns (blkid, mkfs, mount), measured one at a time in
-// the same run (median of 9). It only reports; it runs when NBDCSI_BENCH=1
-// and NBDCSI_BIN names the binary (bench/kernel.sh).
+// process NodeStage spawns (blkid, mkfs, mount), next to the reference
+// tools. Every step is measured once per round and the rounds repeated
+// (median of 9), so that a change of the host's load during the run
+// touches all rows alike. It only reports; it runs when NBDCSI_BENCH=1,
+// NBDCSI_BIN names the binary and NBDCSI_GOFLOOR bench/gofloor's
+// (bench/kernel.sh breakdown).
 func TestKernelBenchBreakdown(t *testing.T) {
 	if os.Getenv("NBDCSI_BENCH") != "1" {
 		t.Skip("benchmark: set NBDCSI_BENCH=1 (bench/kernel.sh does)")
@@ -40,19 +43,8 @@ func TestKernelBenchBreakdown(t *testing.T) {
 	if bin == "" || floor == "" {
 		t.Fatal("NBDCSI_BIN must name the nbd-csi binary, NBDCSI_GOFLOOR bench/gofloor's")
 	}
-	const runs = 9
+	const rounds = 9
 	ctx := context.Background()
-	row := func(what string, d time.Duration, note string) {
-		fmt.Printf("BREAKDOWN| %s | %.1f | %s |\n", what, float64(d)/float64(time.Millisecond), note)
-	}
-	median := func(f func() time.Duration) time.Duration {
-		var ds []time.Duration
-		for i := 0; i < runs; i++ {
-			ds = append(ds, f())
-		}
-		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
-		return ds[len(ds)/2]
-	}
 	run := func(env []string, name string, args ...string) time.Duration {
 		cmd := exec.Command(name, args...)
 		cmd.Env = append(os.Environ(), env...)
@@ -64,113 +56,19 @@ func TestKernelBenchBreakdown(t *testing.T) {
 		}
 		return d
 	}
-
-	// Process start: a trivial C program, the binary doing nothing, and
-	// its package initialisation as the runtime reports it.
-	row("process: /bin/true (fork, exec, exit)", median(func() time.Duration { return run(nil, "/bin/true") }), "baseline of any process")
-	row("process: nbdinfo --version", median(func() time.Duration { return run(nil, "nbdinfo", "--version") }), "C, libnbd, dynamically linked")
-	row("process: gofloor (smallest Go program)", median(func() time.Duration { return run(nil, floor) }), "Go runtime start + exit")
-	row("process: nbd-csi version", median(func() time.Duration { return run(nil, bin, "version") }), "Go runtime start + package init + exit")
-	var inits []time.Duration
-	var pkgs int
-	groups := map[string][]time.Duration{}
-	for i := 0; i < runs; i++ {
-		cmd := exec.Command(bin, "version")
-		cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		if err := cmd.Run(); err != nil {
-			t.Fatalf("nbd-csi version: %v", err)
-		}
-		total, n, g := parseInitTrace(stderr.String())
-		inits, pkgs = append(inits, total), n
-		for k, v := range g {
-			groups[k] = append(groups[k], v)
-		}
+	timed := func(f func()) time.Duration {
+		start := time.Now()
+		f()
+		return time.Since(start)
 	}
-	med := func(ds []time.Duration) time.Duration {
-		if len(ds) == 0 {
-			return 0
-		}
-		s := append([]time.Duration(nil), ds...)
-		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-		return s[len(s)/2]
-	}
-	row("package init (GODEBUG=inittrace=1, sum)", med(inits), fmt.Sprintf("%d packages with init work", pkgs))
-	for _, g := range []string{"kubernetes", "grpc+protobuf+csi", "prometheus", "other"} {
-		row("package init: "+g, med(groups[g]), "")
-	}
-
-	// The attach steps in process.
 	srv := servers.Nbdkit(t, servers.Unix, "memory", "size=1G")
 	u, err := nbd.ParseURI(srv.URI(""))
 	if err != nil {
 		t.Fatal(err)
 	}
-	row("in process: device.New + Close (genetlink family)", median(func() time.Duration {
-		start := time.Now()
-		d, err := device.New(ctx, device.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		el := time.Since(start)
-		d.Close()
-		return el
-	}), "")
-	row("in process: attach.New + Close", median(func() time.Duration {
-		start := time.Now()
-		a := attach.New(ctx, attach.Options{BackendPrefix: attach.CLIBackendPrefix})
-		if err := a.Ready(ctx); err != nil {
-			t.Fatal(err)
-		}
-		a.Close()
-		return time.Since(start)
-	}), "device.New plus the attacher's own set-up")
-	row("in process: handshake (nbd.Dial kernel profile + close)", median(func() time.Duration {
-		start := time.Now()
-		c, err := nbd.Dial(ctx, u, nbd.WithProfile(nbd.ProfileKernel))
-		if err != nil {
-			t.Fatal(err)
-		}
-		el := time.Since(start)
-		c.Close()
-		return el
-	}), "")
-	a := attach.New(ctx, attach.Options{BackendPrefix: attach.CLIBackendPrefix})
-	defer a.Close()
-	var detach []time.Duration
-	row("in process: Attacher.Attach (handshake + CONNECT + readiness)", median(func() time.Duration {
-		start := time.Now()
-		if _, err := a.Attach(ctx, driver.AttachSpec{VolumeID: "breakdown", URI: u, Connections: 1}); err != nil {
-			t.Fatal(err)
-		}
-		el := time.Since(start)
-		start = time.Now()
-		if err := a.Detach(ctx, "breakdown"); err != nil {
-			t.Fatal(err)
-		}
-		detach = append(detach, time.Since(start))
-		return el
-	}), "")
-	row("in process: Attacher.Detach (DISCONNECT + wait released)", med(detach), "")
-	i := 0
-	row("process: nbd-csi attach", median(func() time.Duration {
-		i++
-		id := fmt.Sprintf("bd%d", i)
-		d := run(nil, bin, "attach", "--id", id, srv.URI(""))
-		run(nil, bin, "detach", "--id", id)
-		return d
-	}), "")
-	row("process: nbd-client -b 512", median(func() time.Duration {
-		d := run(nil, "nbd-client", "-unix", srv.Socket, "/dev/nbd5", "-b", "512")
-		run(nil, "nbd-client", "-d", "/dev/nbd5")
-		return d
-	}), "")
-
-	// The processes NodeStage spawns for a fresh volume, on a fresh device
-	// each time (mkfs writes it).
+	// Fresh sparse exports for the stage steps (mkfs writes them).
 	dir := t.TempDir()
-	for i := 0; i < runs; i++ {
+	for i := 0; i < rounds; i++ {
 		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("s%d", i)))
 		if err != nil {
 			t.Fatal(err)
@@ -182,36 +80,153 @@ func TestKernelBenchBreakdown(t *testing.T) {
 	}
 	files := servers.Nbdkit(t, servers.Unix, "file", "dir="+dir)
 	mnt := t.TempDir()
-	var blkid, blank, mkfs, mountp, mounts []time.Duration
-	for i := 0; i < runs; i++ {
-		run(nil, "nbd-client", "-unix", files.Socket, "/dev/nbd6", "-N", fmt.Sprintf("s%d", i), "-b", "512")
-		start := time.Now()
-		if empty, err := driver.IsBlank("/dev/nbd6"); err != nil || !empty {
-			t.Fatalf("fresh device: blank %v, %v", empty, err)
+	dev, err := device.New(ctx, device.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	a := attach.New(ctx, attach.Options{BackendPrefix: attach.CLIBackendPrefix})
+	defer a.Close()
+
+	type step struct {
+		name, note string
+		d          []time.Duration
+	}
+	var steps []*step
+	add := func(name, note string, d time.Duration) {
+		for _, s := range steps {
+			if s.name == name {
+				s.d = append(s.d, d)
+				return
+			}
 		}
-		blank = append(blank, time.Since(start))
-		cmd := exec.Command("blkid", "-p", "-s", "TYPE", "-s", "PTTYPE", "-o", "export", "/dev/nbd6")
-		start = time.Now()
-		_ = cmd.Run() // exit status 2: nothing found
-		blkid = append(blkid, time.Since(start))
-		mkfs = append(mkfs, run(nil, "mkfs.ext4", "-q", "-F", "-m0", "/dev/nbd6"))
-		mountp = append(mountp, run(nil, "mount", "-t", "ext4", "-o", "defaults", "/dev/nbd6", mnt))
-		run(nil, "umount", mnt)
-		start = time.Now()
-		if err := unix.Mount("/dev/nbd6", mnt, "ext4", 0, ""); err != nil {
+		steps = append(steps, &step{name: name, note: note, d: []time.Duration{d}})
+	}
+	var pkgs int
+	for i := 0; i < rounds; i++ {
+		// Process start: a trivial C program, the smallest Go program, the
+		// binary doing nothing, and its package initialisation as the
+		// runtime reports it.
+		add("process: /bin/true", "fork, exec, exit", run(nil, "/bin/true"))
+		add("process: nbdinfo --version", "C, libnbd, dynamically linked", run(nil, "nbdinfo", "--version"))
+		add("process: bench/gofloor", "the smallest Go program: Go runtime start and exit", run(nil, floor))
+		add("process: nbd-csi version", "Go runtime start, package init, exit", run(nil, bin, "version"))
+		cmd := exec.Command(bin, "version")
+		cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("nbd-csi version: %v", err)
+		}
+		total, n, groups := parseInitTrace(stderr.String())
+		pkgs = n
+		add("package init (GODEBUG=inittrace=1), sum", "", total)
+		for _, g := range []string{"kubernetes", "grpc+protobuf+csi", "prometheus", "other"} {
+			add("package init: "+g, "", groups[g])
+		}
+
+		// The steps of an attach, in process.
+		add("in process: device.New + Close", "genetlink socket, family lookup", timed(func() {
+			d, err := device.New(ctx, device.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.Close()
+		}))
+		add("in process: attach.New + Close", "device.New and the attacher's set-up", timed(func() {
+			a := attach.New(ctx, attach.Options{BackendPrefix: attach.CLIBackendPrefix})
+			if err := a.Ready(ctx); err != nil {
+				t.Fatal(err)
+			}
+			a.Close()
+		}))
+		var c *nbd.Conn
+		add("in process: handshake", "nbd.Dial, kernel profile, unix socket", timed(func() {
+			if c, err = nbd.Dial(ctx, u, nbd.WithProfile(nbd.ProfileKernel)); err != nil {
+				t.Fatal(err)
+			}
+		}))
+		f, err := c.File()
+		if err != nil {
 			t.Fatal(err)
 		}
-		mounts = append(mounts, time.Since(start))
+		var d *device.Device
+		add("in process: CONNECT + readiness wait", "device.Attach of a negotiated socket", timed(func() {
+			if d, err = dev.Attach(ctx, device.Config{Sockets: []*os.File{f}, SizeBytes: c.Export().Size,
+				BlockSize: 512, BackendID: "breakdown-dev"}); err != nil {
+				t.Fatal(err)
+			}
+		}))
+		f.Close()
+		c.Close()
+		add("in process: one netlink round trip", "STATUS of all devices", timed(func() {
+			if _, err := dev.Status(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}))
+		add("in process: one readiness check", "read pid, size, backend; stat the node", timed(func() {
+			for _, name := range []string{"pid", "size", "backend"} {
+				if _, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/%s", d.Index, name)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := os.Stat(d.Path); err != nil {
+				t.Fatal(err)
+			}
+		}))
+		add("in process: device.Detach", "DISCONNECT, wait until released", timed(func() {
+			if err := dev.Detach(ctx, d.Index); err != nil {
+				t.Fatal(err)
+			}
+		}))
+		add("in process: Attacher.Attach", "handshake, CONNECT, readiness, supervision set-up", timed(func() {
+			if _, err := a.Attach(ctx, driver.AttachSpec{VolumeID: "breakdown", URI: u, Connections: 1}); err != nil {
+				t.Fatal(err)
+			}
+		}))
+		if err := a.Detach(ctx, "breakdown"); err != nil {
+			t.Fatal(err)
+		}
+		id := fmt.Sprintf("bd%d", i)
+		add("process: nbd-csi attach", "", run(nil, bin, "attach", "--id", id, srv.URI("")))
+		run(nil, bin, "detach", "--id", id)
+		add("process: nbd-client -b 512", "", run(nil, "nbd-client", "-unix", srv.Socket, "/dev/nbd5", "-b", "512"))
+		run(nil, "nbd-client", "-d", "/dev/nbd5")
+		add("process: nbd-csi probe", "", run(nil, bin, "probe", srv.URI("")))
+		add("process: nbdinfo --size", "", run(nil, "nbdinfo", "--size", srv.URI("")))
+
+		// What NodeStage runs on a fresh volume, on a fresh device.
+		run(nil, "nbd-client", "-unix", files.Socket, "/dev/nbd6", "-N", fmt.Sprintf("s%d", i), "-b", "512")
+		add("stage: blank check (driver.IsBlank)", "in process, replaces blkid on a blank device", timed(func() {
+			if empty, err := driver.IsBlank("/dev/nbd6"); err != nil || !empty {
+				t.Fatalf("fresh device: blank %v, %v", empty, err)
+			}
+		}))
+		add("stage: blkid -p process", "", timed(func() {
+			// Exit status 2: nothing found.
+			_ = exec.Command("blkid", "-p", "-s", "TYPE", "-s", "PTTYPE", "-o", "export", "/dev/nbd6").Run()
+		}))
+		add("stage: mkfs.ext4 -q -F -m0, 1 GiB", "", run(nil, "mkfs.ext4", "-q", "-F", "-m0", "/dev/nbd6"))
+		add("stage: mount process", "", run(nil, "mount", "-t", "ext4", "-o", "defaults", "/dev/nbd6", mnt))
+		run(nil, "umount", mnt)
+		add("stage: mount(2)", "what NodeStage now does for ext4/xfs", timed(func() {
+			if err := unix.Mount("/dev/nbd6", mnt, "ext4", 0, ""); err != nil {
+				t.Fatal(err)
+			}
+		}))
 		if err := unix.Unmount(mnt, 0); err != nil {
 			t.Fatal(err)
 		}
 		run(nil, "nbd-client", "-d", "/dev/nbd6")
 	}
-	row("stage: blank check reading the device (driver.IsBlank)", med(blank), "in process")
-	row("stage: blkid -p process", med(blkid), "")
-	row("stage: mkfs.ext4 -q -F -m0 of 1 GiB", med(mkfs), "")
-	row("stage: mount process", med(mountp), "")
-	row("stage: mount(2) syscall", med(mounts), "")
+	for _, s := range steps {
+		sort.Slice(s.d, func(i, j int) bool { return s.d[i] < s.d[j] })
+		note := s.note
+		if strings.HasPrefix(s.name, "package init (") {
+			note = fmt.Sprintf("%d packages", pkgs)
+		}
+		fmt.Printf("BREAKDOWN| %s | %.1f | %s |\n", s.name, float64(s.d[len(s.d)/2])/float64(time.Millisecond), note)
+	}
 }
 
 // parseInitTrace sums GODEBUG=inittrace=1 output: total init time, the
