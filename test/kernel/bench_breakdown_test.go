@@ -273,3 +273,13 @@ func initGroup(pkg string) string {
 	}
 	return "other"
 }
+
+func TestParseInitTrace(t *testing.T) {
+	total, n, g := parseInitTrace("init internal/bytealg @0.008 ms, 0 ms clock, 0 bytes, 0 allocs\n" +
+		"init k8s.io/api/core/v1 @1.2 ms, 0.5 ms clock, 99976 bytes, 12 allocs\n" +
+		"init google.golang.org/grpc @2 ms, 0.25 ms clock, 100 bytes, 1 allocs\n" +
+		"hello\n")
+	if total != 750*time.Microsecond || n != 3 || g["kubernetes"] != 500*time.Microsecond || g["grpc+protobuf+csi"] != 250*time.Microsecond {
+		t.Errorf("parseInitTrace = %v, %d, %v", total, n, g)
+	}
+}
