@@ -8,7 +8,8 @@
 # BENCH_STRICT=1).
 #
 # Usage: bench/kernel.sh [PART...]   parts: attach stage encrypted breakdown
-# (default: all). The date and the host's load average are printed before
+# (default: all). NBDCSI_BENCH_BIN=FILE measures that nbd-csi binary
+# instead of building this tree's (the in-process rows stay this tree's). The date and the host's load average are printed before
 # and after each part: the VM runs under TCG on a shared host, so only
 # ratios measured in the same run compare.
 set -euo pipefail
@@ -17,7 +18,13 @@ parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(attach stage encrypted breakdown)
 bindir=$(mktemp -d)
 trap 'rm -rf "$bindir"' EXIT
-CGO_ENABLED=0 go build -trimpath -o "$bindir/nbd-csi" ./cmd/nbd-csi
+if [ -n "${NBDCSI_BENCH_BIN:-}" ]; then
+	# Another build of nbd-csi (e.g. an older commit's, for a before/after
+	# table); the guest scripts and tests are this tree's.
+	cp "$NBDCSI_BENCH_BIN" "$bindir/nbd-csi"
+else
+	CGO_ENABLED=0 go build -trimpath -o "$bindir/nbd-csi" ./cmd/nbd-csi
+fi
 CGO_ENABLED=0 go build -trimpath -o "$bindir/gofloor" ./bench/gofloor
 ratios=$bindir/ratios
 : > "$ratios"
