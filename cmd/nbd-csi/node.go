@@ -10,8 +10,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/client-go/kubernetes/scheme"
-	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 
@@ -220,14 +219,14 @@ func newEventRecorder(ctx context.Context, kubeconfig, nodeID, driverName string
 		log.Info("Kubernetes Events about volume connections are off: no Kubernetes API configuration", "reason", err.Error())
 		return nil, nil, func() {}
 	}
-	client, err := corev1client.NewForConfig(cfg)
+	client, err := dynamic.NewForConfig(cfg)
 	if err != nil {
 		log.Error(err, "Kubernetes Events about volume connections are off")
 		return nil, nil, func() {}
 	}
 	b := record.NewBroadcaster(record.WithContext(ctx))
-	b.StartRecordingToSink(&corev1client.EventSinkImpl{Interface: client.Events("")})
-	rec := b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "nbd-csi-node", Host: nodeID})
+	b.StartRecordingToSink(driver.KubeEventSink{Client: client, Ctx: ctx})
+	rec := b.NewRecorder(driver.NewEventScheme(), corev1.EventSource{Component: "nbd-csi-node", Host: nodeID})
 	log.Info("Kubernetes Events about volume connections go to the PersistentVolumes")
 	return rec, driver.NewKubePVLookup(client, driverName), b.Shutdown
 }

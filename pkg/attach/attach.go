@@ -66,8 +66,10 @@ type Attacher struct {
 	hub     *hub
 	// diagUnix and diagTCP tell whether sock_diag answers for the
 	// family; without it nothing the kernel took can be confirmed (see
-	// watch.attempt).
-	diagUnix, diagTCP bool
+	// watch.attempt). Each is probed at its first use: a command that
+	// attaches one unix-socket export does not pay for the TCP probe.
+	diagUnixOnce, diagTCPOnce sync.Once
+	diagUnix, diagTCP         bool
 
 	mu      sync.Mutex
 	watched map[string]*watch // by volume ID
@@ -102,7 +104,6 @@ func New(ctx context.Context, opts Options) *Attacher {
 func newAttacher(ctx context.Context, opts Options, dev device.Attacher, initErr error) *Attacher {
 	base, stop := context.WithCancel(context.WithoutCancel(ctx))
 	a := &Attacher{opts: opts, dev: dev, initErr: initErr, base: base, stop: stop, watched: map[string]*watch{}}
-	a.diagUnix, a.diagTCP = diagProbe()
 	if dev != nil {
 		rc, _ := dev.(device.Reconnector)
 		a.hub = newHub(base, rc, dev.Status, opts.PollInterval)
@@ -393,8 +394,10 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 // diag reports whether sock_diag answers for id's family.
 func (a *Attacher) diag(id sockID) bool {
 	if id.tcp() {
+		a.diagTCPOnce.Do(func() { a.diagTCP = diagProbeTCP() })
 		return a.diagTCP
 	}
+	a.diagUnixOnce.Do(func() { a.diagUnix = diagProbeUnix() })
 	return a.diagUnix
 }
 

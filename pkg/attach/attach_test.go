@@ -585,6 +585,8 @@ func TestWithoutSockDiag(t *testing.T) {
 	srv, img := growable(t, servers.Unix)
 	k := newFakeKernel(t)
 	p := newPlugin(t, k)
+	p.a.diagUnixOnce.Do(func() {})
+	p.a.diagTCPOnce.Do(func() {})
 	p.a.diagUnix, p.a.diagTCP = false, false
 	ctx := context.Background()
 	sp := spec(t, srv.URI(""), 1)

@@ -257,7 +257,10 @@ func diagRoundTrip(typ uint16, payload []byte) ([]byte, error) {
 // A family whose handler is not loaded (unix_diag, inet_diag + tcp_diag)
 // answers ENOENT exactly like a socket that does not exist, so each is
 // asked about a socket known to exist and to be open.
-func diagProbe() (unixOK, tcpOK bool) {
+func diagProbe() (unixOK, tcpOK bool) { return diagProbeUnix(), diagProbeTCP() }
+
+// diagProbeUnix is diagProbe for unix sockets.
+func diagProbeUnix() (unixOK bool) {
 	if fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err == nil {
 		a, b := os.NewFile(uintptr(fds[0]), "probe"), os.NewFile(uintptr(fds[1]), "probe")
 		if id, err := identify(a); err == nil {
@@ -267,6 +270,12 @@ func diagProbe() (unixOK, tcpOK bool) {
 		a.Close()
 		b.Close()
 	}
+	return unixOK
+}
+
+// diagProbeTCP is diagProbe for TCP sockets (a loopback listener and a
+// connection to it).
+func diagProbeTCP() (tcpOK bool) {
 	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
 		l, err := net.Listen("tcp", addr)
 		if err != nil {
@@ -286,5 +295,5 @@ func diagProbe() (unixOK, tcpOK bool) {
 		l.Close()
 		break
 	}
-	return unixOK, tcpOK
+	return tcpOK
 }

@@ -25,4 +25,5 @@ func identify(*os.File) (sockID, error)    { return sockID{}, errDiag }
 func diagLookup(sockID) (sockState, error) { return sockState{}, errDiag }
 func diagDestroy(sockID, [2]uint32) error  { return errDiag }
 
-func diagProbe() (bool, bool) { return false, false }
+func diagProbeUnix() bool { return false }
+func diagProbeTCP() bool  { return false }

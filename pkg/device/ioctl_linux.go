@@ -402,5 +402,5 @@ func (x *Ioctl) FindByBackend(ctx context.Context, backendID string) (*Device, e
 		d.Connected, d.BackendID, d.session = d.PID != 0, backendID, own
 		return &d, nil
 	}
-	return findByBackend(ctx, x.fs, x.opts.DevRoot, backendID, x.Status)
+	return findByBackend(ctx, x.fs, x.opts.DevRoot, backendID, x.Status, false)
 }

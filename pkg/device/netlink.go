@@ -109,7 +109,7 @@ func (n *Netlink) Attach(ctx context.Context, cfg Config) (*Device, error) {
 		return nil, err
 	}
 	defer release()
-	if found, err := findBackend(n.sys, c.BackendID); err != nil {
+	if found, err := n.findBackend(ctx, c.BackendID); err != nil {
 		return nil, err
 	} else if len(found) > 0 {
 		return nil, fmt.Errorf("%w: backend %q is on nbd%d", ErrAlreadyAttached, c.BackendID, found[0])
@@ -334,11 +334,48 @@ func (n *Netlink) List(ctx context.Context) ([]Device, error) {
 // backendID. Several such devices (attached outside this package) give an
 // ErrAlreadyAttached error naming them.
 func (n *Netlink) FindByBackend(ctx context.Context, backendID string) (*Device, error) {
-	return findByBackend(ctx, n.sys, n.opts.DevRoot, backendID, n.Status)
+	return findByBackend(ctx, n.sys, n.opts.DevRoot, backendID, n.Status, true)
 }
 
-func findByBackend(ctx context.Context, s sysfs, devRoot, id string, status func(context.Context) ([]Status, error)) (*Device, error) {
-	found, err := findBackend(s, id)
+// findBackend is findBackend among the devices STATUS reports connected:
+// one netlink round trip instead of reading the backend file of every
+// device (nbds_max of them, 16 to 128 reads per attach). A device that
+// is not connected has no configuration, hence no backend file and no
+// pid, so it cannot match. If STATUS fails, every device is read.
+func (n *Netlink) findBackend(ctx context.Context, id string) ([]uint32, error) {
+	st, err := n.Status(ctx)
+	if err != nil {
+		return findBackend(n.sys, id)
+	}
+	return findBackendIn(n.sys, id, connectedIndexes(st))
+}
+
+// connectedIndexes returns the indexes STATUS reports connected.
+func connectedIndexes(st []Status) []uint32 {
+	var out []uint32
+	for _, x := range st {
+		if x.Connected {
+			out = append(out, x.Index)
+		}
+	}
+	return out
+}
+
+// findByBackend finds the one device carrying id. With onlyConnected
+// (status is the kernel's STATUS) it reads the backend files of connected
+// devices only.
+func findByBackend(ctx context.Context, s sysfs, devRoot, id string, status func(context.Context) ([]Status, error), onlyConnected bool) (*Device, error) {
+	var st []Status
+	var found []uint32
+	var err error
+	if onlyConnected {
+		if st, err = status(ctx); err != nil {
+			return nil, err
+		}
+		found, err = findBackendIn(s, id, connectedIndexes(st))
+	} else {
+		found, err = findBackend(s, id)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -353,9 +390,10 @@ func findByBackend(ctx context.Context, s sysfs, devRoot, id string, status func
 	if err != nil {
 		return nil, err
 	}
-	st, err := status(ctx)
-	if err != nil {
-		return nil, err
+	if st == nil {
+		if st, err = status(ctx); err != nil {
+			return nil, err
+		}
 	}
 	for _, x := range st {
 		if x.Index == d.Index {

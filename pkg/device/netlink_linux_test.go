@@ -91,7 +91,8 @@ func TestNetlinkAttachRequest(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if diff := cmp.Diff([]nlReq{tc.want(socks)}, k.requests()); diff != "" {
+			// STATUS first: only connected devices' backend files are read.
+			if diff := cmp.Diff([]nlReq{{Cmd: cmdStatus}, tc.want(socks)}, k.requests()); diff != "" {
 				t.Errorf("requests (-want +got):\n%s", diff)
 			}
 			var idx uint32
@@ -174,8 +175,24 @@ func TestNetlinkAttachErrors(t *testing.T) {
 		if !errors.Is(err, ErrAlreadyAttached) {
 			t.Fatalf("got %v, want ErrAlreadyAttached", err)
 		}
-		if r := k.requests(); len(r) != 0 {
-			t.Errorf("sent %+v", r)
+		if r := k.requests(); len(r) != 1 || r[0].Cmd != cmdStatus {
+			t.Errorf("sent %+v, want STATUS only", r)
+		}
+	})
+	t.Run("backend already attached, STATUS failing", func(t *testing.T) {
+		// Without STATUS every device's backend file is read: the
+		// duplicate is still refused.
+		tree := newFakeTree(t)
+		k := newFakeKernel(t, tree)
+		tree.start(3, 1, 1<<20, 512, "v", false)
+		k.fail[cmdStatus] = int(syscall.EIO)
+		n := k.netlink(tree.opts())
+		_, err := n.Attach(context.Background(), Config{Sockets: socketFiles(t, 1), SizeBytes: 1 << 20, BackendID: "v"})
+		if !errors.Is(err, ErrAlreadyAttached) {
+			t.Fatalf("got %v, want ErrAlreadyAttached", err)
+		}
+		if r := k.requests(); len(r) != 1 || r[0].Cmd != cmdStatus {
+			t.Errorf("sent %+v, want STATUS only", r)
 		}
 	})
 	t.Run("kernel without backend identifiers", func(t *testing.T) {
@@ -188,7 +205,7 @@ func TestNetlinkAttachErrors(t *testing.T) {
 			t.Fatalf("got %v, want ErrNotSupported", err)
 		}
 		r := k.requests()
-		if len(r) != 2 || r[1].Cmd != cmdDisconnect || *r[1].Index != 0 {
+		if len(r) != 3 || r[2].Cmd != cmdDisconnect || *r[2].Index != 0 {
 			t.Errorf("the half-attached device was not disconnected: %+v", r)
 		}
 		if tree.started(0) {
@@ -244,7 +261,7 @@ func TestNetlinkAckRules(t *testing.T) {
 	for _, r := range k.requests() {
 		got = append(got, r.Cmd)
 	}
-	want := []uint8{cmdConnect, cmdStatus, cmdReconfigure, cmdStatus, cmdDisconnect, cmdStatus}
+	want := []uint8{cmdStatus, cmdConnect, cmdStatus, cmdReconfigure, cmdStatus, cmdDisconnect, cmdStatus}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("commands (-want +got):\n%s", diff)
 	}

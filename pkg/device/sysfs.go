@@ -209,6 +209,11 @@ func findBackend(s sysfs, id string) ([]uint32, error) {
 	if err != nil {
 		return nil, err
 	}
+	return findBackendIn(s, id, idx)
+}
+
+// findBackendIn is findBackend among the devices idx.
+func findBackendIn(s sysfs, id string, idx []uint32) ([]uint32, error) {
 	var out []uint32
 	for _, i := range idx {
 		b, ok, err := s.backend(i)

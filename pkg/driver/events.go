@@ -11,10 +11,12 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes/scheme"
-	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/tools/record"
-	"k8s.io/client-go/tools/reference"
 	"k8s.io/klog/v2"
 )
 
@@ -280,10 +282,19 @@ func (r *SupervisionReporter) Series(attached []string) map[string]VolumeSeries 
 	return out
 }
 
+// The node reaches the Kubernetes API through the dynamic client only:
+// client-go's typed clientset would link (and initialise, in every nbd-csi
+// process, CLI commands included) the scheme of every built-in API group,
+// which was the largest part of the binary's start-up (docs/performance.md).
+var (
+	pvResource    = schema.GroupVersionResource{Version: "v1", Resource: "persistentvolumes"}
+	eventResource = schema.GroupVersionResource{Version: "v1", Resource: "events"}
+)
+
 // KubePVLookup finds a CSI volume's PersistentVolume by listing PVs (their
 // names are the kubelet's, not the volume ID) and caches the answer.
 type KubePVLookup struct {
-	client     corev1client.PersistentVolumesGetter
+	client     dynamic.Interface
 	driverName string
 
 	mu    sync.Mutex
@@ -291,7 +302,7 @@ type KubePVLookup struct {
 }
 
 // NewKubePVLookup returns a lookup for volumes of driverName.
-func NewKubePVLookup(client corev1client.PersistentVolumesGetter, driverName string) *KubePVLookup {
+func NewKubePVLookup(client dynamic.Interface, driverName string) *KubePVLookup {
 	return &KubePVLookup{client: client, driverName: driverName, cache: map[string]*corev1.ObjectReference{}}
 }
 
@@ -303,22 +314,91 @@ func (l *KubePVLookup) PersistentVolume(ctx context.Context, volumeID string) (*
 	if ok {
 		return ref, nil
 	}
-	list, err := l.client.PersistentVolumes().List(ctx, metav1.ListOptions{})
+	list, err := l.client.Resource(pvResource).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list PersistentVolumes: %w", err)
 	}
 	for i := range list.Items {
 		pv := &list.Items[i]
-		if c := pv.Spec.CSI; c != nil && c.Driver == l.driverName && c.VolumeHandle == volumeID {
-			ref, err := reference.GetReference(scheme.Scheme, pv)
-			if err != nil {
-				return nil, err
-			}
-			l.mu.Lock()
-			l.cache[volumeID] = ref
-			l.mu.Unlock()
-			return ref, nil
+		drv, _, _ := unstructured.NestedString(pv.Object, "spec", "csi", "driver")
+		handle, _, _ := unstructured.NestedString(pv.Object, "spec", "csi", "volumeHandle")
+		if drv != l.driverName || handle != volumeID {
+			continue
 		}
+		// What reference.GetReference makes of a PersistentVolume.
+		ref := &corev1.ObjectReference{Kind: "PersistentVolume", APIVersion: "v1", Name: pv.GetName(),
+			UID: pv.GetUID(), ResourceVersion: pv.GetResourceVersion()}
+		l.mu.Lock()
+		l.cache[volumeID] = ref
+		l.mu.Unlock()
+		return ref, nil
 	}
 	return nil, nil
+}
+
+// NewEventScheme returns the scheme an event recorder needs (the core API
+// group only).
+func NewEventScheme() *runtime.Scheme {
+	s := runtime.NewScheme()
+	_ = corev1.AddToScheme(s)
+	return s
+}
+
+// KubeEventSink writes Events through the dynamic client: what client-go's
+// typed EventSinkImpl does (create, update, strategic-merge patch in the
+// Event's namespace).
+type KubeEventSink struct {
+	Client dynamic.Interface
+	// Ctx bounds the requests.
+	Ctx context.Context
+}
+
+var _ record.EventSink = KubeEventSink{}
+
+// Create implements record.EventSink.
+func (s KubeEventSink) Create(e *corev1.Event) (*corev1.Event, error) {
+	u, err := toUnstructured(e)
+	if err != nil {
+		return nil, err
+	}
+	out, err := s.Client.Resource(eventResource).Namespace(e.Namespace).Create(s.Ctx, u, metav1.CreateOptions{})
+	return fromUnstructured(out, err)
+}
+
+// Update implements record.EventSink.
+func (s KubeEventSink) Update(e *corev1.Event) (*corev1.Event, error) {
+	u, err := toUnstructured(e)
+	if err != nil {
+		return nil, err
+	}
+	out, err := s.Client.Resource(eventResource).Namespace(e.Namespace).Update(s.Ctx, u, metav1.UpdateOptions{})
+	return fromUnstructured(out, err)
+}
+
+// Patch implements record.EventSink.
+func (s KubeEventSink) Patch(e *corev1.Event, data []byte) (*corev1.Event, error) {
+	out, err := s.Client.Resource(eventResource).Namespace(e.Namespace).Patch(s.Ctx, e.Name, types.StrategicMergePatchType, data, metav1.PatchOptions{})
+	return fromUnstructured(out, err)
+}
+
+func toUnstructured(e *corev1.Event) (*unstructured.Unstructured, error) {
+	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(e)
+	if err != nil {
+		return nil, fmt.Errorf("encode event: %w", err)
+	}
+	u := &unstructured.Unstructured{Object: m}
+	u.SetAPIVersion("v1")
+	u.SetKind("Event")
+	return u, nil
+}
+
+func fromUnstructured(u *unstructured.Unstructured, err error) (*corev1.Event, error) {
+	if err != nil {
+		return nil, err
+	}
+	var e corev1.Event
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &e); err != nil {
+		return nil, fmt.Errorf("decode event: %w", err)
+	}
+	return &e, nil
 }

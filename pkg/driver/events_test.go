@@ -12,7 +12,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes/fake"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2/textlogger"
 
@@ -27,7 +27,7 @@ import (
 func TestSupervisionReporter(t *testing.T) {
 	var logs bytes.Buffer
 	log := textlogger.NewLogger(textlogger.NewConfig(textlogger.Output(&logs), textlogger.Verbosity(0)))
-	client := fake.NewClientset(
+	client := dynamicfake.NewSimpleDynamicClient(driver.NewEventScheme(),
 		&corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: "pv-other", UID: "u0"},
 			Spec: corev1.PersistentVolumeSpec{PersistentVolumeSource: corev1.PersistentVolumeSource{
 				CSI: &corev1.CSIPersistentVolumeSource{Driver: "other.csi", VolumeHandle: "vol-1"}}}},
@@ -36,7 +36,7 @@ func TestSupervisionReporter(t *testing.T) {
 				CSI: &corev1.CSIPersistentVolumeSource{Driver: driver.DefaultDriverName, VolumeHandle: "vol-1"}}}})
 	rec := record.NewFakeRecorder(16)
 	rec.IncludeObject = true
-	r := driver.NewSupervisionReporter(log, "node-a", rec, driver.NewKubePVLookup(client.CoreV1(), driver.DefaultDriverName))
+	r := driver.NewSupervisionReporter(log, "node-a", rec, driver.NewKubePVLookup(client, driver.DefaultDriverName))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go r.Run(ctx)
@@ -72,7 +72,7 @@ func TestSupervisionReporter(t *testing.T) {
 	}
 	// The PersistentVolume is the one of this driver with the volume's
 	// handle (FakeRecorder prints only its kind).
-	ref, err := driver.NewKubePVLookup(client.CoreV1(), driver.DefaultDriverName).PersistentVolume(ctx, "vol-1")
+	ref, err := driver.NewKubePVLookup(client, driver.DefaultDriverName).PersistentVolume(ctx, "vol-1")
 	if err != nil || ref == nil || ref.Name != "pv-1" || ref.UID != "u1" || ref.Kind != "PersistentVolume" {
 		t.Errorf("PV of vol-1 = %+v, %v; want pv-1 (u1)", ref, err)
 	}
