@@ -123,6 +123,11 @@ copy_with_libs() {
 
 mkimage() { (cd "$ROOT/test/e2e" && go run ./tools/mkimage "$@"); }
 
+# app_version: the chart's appVersion, its default nbd-csi image tag.
+app_version() { sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$ROOT/charts/nbd-csi/Chart.yaml"; }
+# nbdcsi_image: the chart's default nbd-csi image reference.
+nbdcsi_image() { echo "ghcr.io/nbd-csi/nbd-csi:$(app_version)"; }
+
 build_images() {
 	local img=$E2E/images work=$E2E/imgwork
 	mkdir -p "$img"
@@ -162,28 +167,26 @@ build_images() {
 		mkimage -name registry.k8s.io/e2e-test-images/nginx:1.14-4 -rootfs "$work/nginx" \
 			-entrypoint '["/bin/httpd","-f","-p","80","-h","/usr/share/nginx/html"]' -out "$img/e2e-nginx.tar"
 	fi
-	# registrar stand-in (the upstream image cannot be fetched here), rebuilt
-	# when its source changes (it must accept every flag the chart passes).
-	local regtar
-	regtar=$img/registrar-$(sha256sum test/e2e/images/registrar/main.go | cut -c1-12).tar
-	if [ ! -f "$regtar" ]; then
-		rm -f "$img"/registrar*.tar
-		mkdir -p "$work/registrar"
-		(cd test/e2e && CGO_ENABLED=0 go build -o "$work/registrar/registrar" ./images/registrar)
-		mkimage -name nbd-csi-e2e/registrar:local -rootfs "$work/registrar" -entrypoint '["/registrar"]' -out "$regtar"
-	fi
-	# CSI sidecars the module proxy serves, built as their own main modules.
+	# The CSI sidecars at the releases the chart pins, built from their
+	# upstream source under the image names the chart's defaults give
+	# (registry.k8s.io/sig-storage/CMD:VERSION; test/chart TestChartE2EValues
+	# checks they agree), so the chart installs them unchanged. Three come
+	# from the Go module proxy; node-driver-registrar's module is not served
+	# there, so its upstream source is kept verbatim in test/e2e/third_party.
 	build_sidecar provisioner github.com/kubernetes-csi/external-provisioner/v6 v6.4.0 csi-provisioner
 	build_sidecar attacher github.com/kubernetes-csi/external-attacher/v4 v4.13.0 csi-attacher
 	build_sidecar resizer github.com/kubernetes-csi/external-resizer/v2 v2.3.0 csi-resizer
+	build_sidecar registrar ./test/e2e/third_party/node-driver-registrar v2.17.0 csi-node-driver-registrar
 	# nbd-csi, always rebuilt (it is what is under test): the binary plus the
 	# filesystem and module tools the node plugin runs, from the node's
-	# Debian root filesystem.
-	log "nbd-csi image"
+	# Debian root filesystem, under the chart's default image reference
+	# (ghcr.io/nbd-csi/nbd-csi:APPVERSION), so the chart installs it with its
+	# default values.
+	log "nbd-csi image $(nbdcsi_image)"
 	local rf=$E2E/rootfs-img
 	if [ ! -d "$rf/usr" ]; then mkdir -p "$rf" && tar -C "$rf" -xf "$E2E/rootfs.tar"; fi
 	mkdir -p "$work/nbd-csi/usr/local/bin" "$work/nbd-csi/tmp" "$work/nbd-csi/etc" "$work/nbd-csi/run"
-	CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=e2e" -o "$work/nbd-csi/usr/local/bin/nbd-csi" ./cmd/nbd-csi
+	CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=$(app_version) -X main.commit=$(git rev-parse HEAD)" -o "$work/nbd-csi/usr/local/bin/nbd-csi" ./cmd/nbd-csi
 	copy_with_libs "$rf" "$work/nbd-csi" \
 		/usr/sbin/mkfs.ext4 /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/fsck.ext4 /usr/sbin/resize2fs /usr/sbin/dumpe2fs /usr/sbin/tune2fs \
 		/usr/sbin/mkfs.xfs /usr/sbin/xfs_repair /usr/sbin/xfs_growfs /usr/sbin/xfs_db /usr/sbin/xfs_io /usr/sbin/fsck.xfs \
@@ -191,25 +194,34 @@ build_images() {
 	ln -sf /usr/bin/kmod "$work/nbd-csi/usr/sbin/modprobe"
 	[ -f "$rf/etc/mke2fs.conf" ] && cp "$rf/etc/mke2fs.conf" "$work/nbd-csi/etc/"
 	for d in bin sbin lib lib64; do [ -e "$work/nbd-csi/$d" ] || ln -s "usr/$d" "$work/nbd-csi/$d"; done
-	mkimage -name nbd-csi-e2e/nbd-csi:e2e -rootfs "$work/nbd-csi" -entrypoint '["/usr/local/bin/nbd-csi"]' -out "$img/nbd-csi.tar"
+	mkimage -name "$(nbdcsi_image)" -rootfs "$work/nbd-csi" -entrypoint '["/usr/local/bin/nbd-csi"]' -out "$img/nbd-csi.tar"
 	rm -rf "$work"
 }
 
-# build_sidecar NAME MODULE VERSION CMD: builds an upstream sidecar from the
-# module proxy into an image nbd-csi-e2e/NAME:VERSION.
+# build_sidecar NAME SOURCE VERSION CMD: builds an upstream CSI sidecar
+# into the image registry.k8s.io/sig-storage/CMD:VERSION (the reference the
+# chart's defaults give), cached as images/NAME-VERSION.tar. SOURCE is a
+# module (MODULE@VERSION from the Go module proxy) or ./DIR, upstream source
+# kept in this repository; either is built as its own main module with its
+# dependencies from the proxy (-mod=mod: no vendor directory).
 build_sidecar() {
 	local name=$1 mod=$2 ver=$3 cmd=$4 img=$E2E/images
 	[ -f "$img/$name-$ver.tar" ] && return
-	rm -f "$img/$name.tar" "$img/$name"-v*.tar
-	log "building $cmd $ver from the Go module proxy (once)"
+	rm -f "$img/$name.tar" "$img/$name"-*.tar
+	log "building $cmd $ver from upstream source and the Go module proxy (once)"
 	local dir src
-	dir=$(go mod download -json "$mod@$ver" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
+	case $mod in
+	./*) dir=$ROOT/${mod#./} ;;
+	*) dir=$(go mod download -json "$mod@$ver" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p') ;;
+	esac
+	[ -f "$dir/go.mod" ] || die "$cmd: no go.mod in $dir"
 	src=$E2E/src/$name
 	rm -rf "$src"; mkdir -p "$src"
 	cp -r "$dir/." "$src/"; chmod -R u+w "$src"
 	mkdir -p "$E2E/imgwork/$name"
-	(cd "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o "$E2E/imgwork/$name/$cmd" "./cmd/$cmd" >&2)
-	mkimage -name "nbd-csi-e2e/$name:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name-$ver.tar"
+	(cd "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-X main.version=$ver" -o "$E2E/imgwork/$name/$cmd" "./cmd/$cmd" >&2) ||
+		die "building $cmd $ver failed"
+	mkimage -name "registry.k8s.io/sig-storage/$cmd:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name-$ver.tar"
 }
 
 build() {
