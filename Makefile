@@ -23,7 +23,7 @@ FUZZ_TARGETS := \
 
 DEPS         := hack/install-deps.sh
 
-.PHONY: all build test e2e kube unit fuzz vm-test bench demo lint verify generate image release clean
+.PHONY: all build test e2e e2e-smoke kube unit fuzz vm-test bench demo lint verify generate image release clean
 
 all: build
 
@@ -67,6 +67,10 @@ vm-test:
 E2E_PROVIDER ?= kind
 e2e:
 	E2E_PROVIDER=$(E2E_PROVIDER) test/e2e/run.sh
+
+## e2e-smoke: what CI runs after make test: the vm provider, one worker, the chart as shipped, TestDataSurvivesPods and TestNodePluginRestartWhileWriting (root)
+e2e-smoke:
+	E2E_PROVIDER=vm E2E_SMOKE=1 test/e2e/run.sh
 
 ## bench: benchmarks against the reference tools, same run, with ratios
 bench: build
