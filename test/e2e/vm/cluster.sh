@@ -6,6 +6,9 @@
 # boot Debian's cloud kernel (which has nbd.ko) under QEMU from one Debian
 # root filesystem with containerd, kubelet and kube-proxy, and join over a
 # private bridge (host 10.99.0.1, node N at 10.99.0.(1+N), named vmnodeN).
+# E2E_NODES_WITHOUT_NBD more nodes (default 0; make e2e: 1), numbered after
+# those, boot with module_blacklist=nbd on the kernel command line: their
+# kernel refuses the nbd module, as on a distribution without nbd.ko.
 # Each node runs on a copy-on-write overlay of the shared disk; its identity
 # (name, address, kubelet certificates, pod subnet) is a tar on a second disk.
 # Everything is built from Debian's apt and the Go module proxy, cached in
@@ -35,6 +38,15 @@ FILES=$ROOT/test/e2e/vm/files
 BRIDGE=${E2E_BRIDGE:-nbdcsie2e0}
 HOST_IP=10.99.0.1
 NODES=${E2E_NODES:-2}
+NONBD=${E2E_NODES_WITHOUT_NBD:-0}
+MEM_NONBD=${E2E_VM_MEM_WITHOUT_NBD:-2048}
+# all_nodes: the number of node VMs, nbd-capable and not (what up started,
+# for the later sh, load, logs and down).
+all_nodes() {
+	if [ -f "$RUN/nodes" ]; then cat "$RUN/nodes"; else echo $((NODES + NONBD)); fi
+}
+# has_nbd N: whether node N's kernel may load nbd.
+has_nbd() { [ "$1" -le "$NODES" ]; }
 APISERVER_PORT=6443
 MEM=${E2E_VM_MEM:-3072}
 CPUS=${E2E_VM_CPUS:-2}
@@ -257,7 +269,7 @@ pki() {
 	for who in admin kcm scheduler proxy; do
 		kubeconfig "$who" > "$who.kubeconfig"
 	done
-	for i in $(seq "$NODES"); do
+	for i in $(seq "$(all_nodes)"); do
 		cert "node$i" "/O=system:nodes/CN=system:node:$(node_name "$i")"
 		cert "kubelet$i" "/CN=$(node_name "$i")" "IP:$(node_ip "$i"),DNS:$(node_name "$i")"
 		kubeconfig "node$i" > "node$i.kubeconfig"
@@ -358,7 +370,7 @@ node_disk() {
 	mkfs.ext4 -q -F -L e2eroot -d "$rf" "$RUN/node.img" 8G
 	rm -rf "$rf"
 	local i
-	for i in $(seq "$NODES"); do node_identity "$i"; done
+	for i in $(seq "$(all_nodes)"); do node_identity "$i"; done
 	# initramfs: busybox and the virtio modules.
 	local ir=$RUN/initramfs
 	rm -rf "$ir"; mkdir -p "$ir/bin" "$ir/modules"
@@ -398,7 +410,7 @@ net_up() {
 	ip addr replace "$HOST_IP/24" dev "$BRIDGE"
 	ip link set "$BRIDGE" up
 	local i tap
-	for i in $(seq "$NODES"); do
+	for i in $(seq "$(all_nodes)"); do
 		tap=$(node_tap "$i")
 		ip link show "$tap" >/dev/null 2>&1 || ip tuntap add dev "$tap" mode tap
 		ip link set "$tap" master "$BRIDGE" up
@@ -406,13 +418,20 @@ net_up() {
 }
 
 boot_node() {
-	local i=$1
+	local i=$1 mem=$MEM append="console=ttyS0 root=/dev/vda rw panic=-1 quiet" what=""
 	local -a accel
 	read -r -a accel <<< "$ACCEL_ARGS"
-	log "booting $(node_name "$i") (QEMU ${ACCEL_ARGS})"
-	start_bg "qemu$i" qemu-system-x86_64 -m "$MEM" -smp "$CPUS" "${accel[@]}" -display none -no-reboot \
+	if ! has_nbd "$i"; then
+		# The kernel itself refuses the module (EPERM, "Module nbd is
+		# blacklisted"), whatever modprobe configuration a container has.
+		append="$append module_blacklist=nbd"
+		mem=$MEM_NONBD
+		what=", kernel refuses nbd"
+	fi
+	log "booting $(node_name "$i") (QEMU ${ACCEL_ARGS}$what)"
+	start_bg "qemu$i" qemu-system-x86_64 -m "$mem" -smp "$CPUS" "${accel[@]}" -display none -no-reboot \
 		-kernel "$(cat "$RUN/vmlinuz")" -initrd "$RUN/initrd.img" \
-		-append "console=ttyS0 root=/dev/vda rw panic=-1 quiet" \
+		-append "$append" \
 		-drive "file=$RUN/node$i.qcow2,if=virtio,format=qcow2,cache=unsafe" \
 		-drive "file=$RUN/node$i.id.tar,if=virtio,format=raw,readonly=on" \
 		-netdev "tap,id=n0,ifname=$(node_tap "$i"),script=no,downscript=no" \
@@ -443,8 +462,8 @@ $(tail_log "$RUN/logs/console$n.log")"
 # control-plane process that exits meanwhile stops the run.
 start_nodes() {
 	local i start=$SECONDS
-	for i in $(seq "$NODES"); do boot_node "$i"; done
-	for i in $(seq "$NODES"); do wait_ready "$i" "$start"; done
+	for i in $(seq "$(all_nodes)"); do boot_node "$i"; done
+	for i in $(seq "$(all_nodes)"); do wait_ready "$i" "$start"; done
 }
 
 up() {
@@ -453,6 +472,7 @@ up() {
 	[ -f "$E2E/rootfs.tar" ] && [ -f "$E2E/images/nbd-csi.tar" ] || build
 	down >/dev/null 2>&1 || true
 	rm -rf "$RUN"; mkdir -p "$RUN/logs" "$RUN/pids"
+	echo $((NODES + NONBD)) > "$RUN/nodes"
 	# A failed up stops what it started; the logs stay in $RUN/logs.
 	trap 'up_failed $?' EXIT
 	ACCEL_ARGS=$(go run ./test/vm/cmd/vmrun -print-accel)
@@ -503,7 +523,7 @@ node_sh() { printf '%s\n' "$*" | socat -t 600 - "TCP:$(node_ip "${E2E_NODE:-1}")
 load() {
 	local t i
 	for t in "$@"; do
-		for i in $(seq "$NODES"); do
+		for i in $(seq "$(all_nodes)"); do
 			{ printf 'ctr -n k8s.io images import -\n'; cat "$t"; } | socat -t 600 - "TCP:$(node_ip "$i"):2222"
 		done
 	done
@@ -514,7 +534,7 @@ collect_logs() {
 	mkdir -p "$out"
 	cp "$RUN"/logs/*.log "$out/" 2>/dev/null || true
 	local f i
-	for i in $(seq "$NODES"); do
+	for i in $(seq "$(all_nodes)"); do
 		for f in kubelet containerd kube-proxy images; do
 			E2E_NODE=$i node_sh "cat /var/log/$f.log" > "$out/$(node_name "$i")-$f.log" 2>/dev/null || true
 		done
