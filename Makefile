@@ -111,8 +111,9 @@ image:
 	docker build --build-arg VENDORED=$(or $(VENDORED),false) --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
 
 ## release: every release artifact in dist/ without pushing: binaries for linux/amd64 and arm64, SHA256SUMS, the chart package, and the multi-arch image where docker buildx is present
+RELEASE_DIR ?= dist
 release:
-	VERSION=$(VERSION) hack/release.sh dist
+	VERSION=$(VERSION) hack/release.sh $(RELEASE_DIR)
 
 clean:
 	rm -rf $(BIN) build dist

@@ -28,6 +28,13 @@ status=0
 case $PROVIDER in
 vm)
 	test/e2e/vm/cluster.sh build
+	# The chart as released: make release's package (hack/release.sh),
+	# not the source directory.
+	release=${E2E_CACHE:-$PWD/.cache/e2e}/release
+	start=$SECONDS
+	make -s release RELEASE_DIR="$release" >/dev/null
+	chart=$(ls "$release"/nbd-csi-*.tgz)
+	echo "e2e: make release in $((SECONDS - start)) s: installing $chart"
 	export E2E_NODES_WITHOUT_NBD=${E2E_NODES_WITHOUT_NBD:-1}
 	# The names the test expects without nbd (cluster.sh numbers them after
 	# the capable nodes: vmnode3 with two of those).
@@ -67,7 +74,7 @@ kind)
 	;;
 esac
 start=$SECONDS
-"$helm" install nbd-csi charts/nbd-csi --namespace kube-system -f "$values" --wait --timeout 10m || status=$?
+"$helm" install nbd-csi "${chart:-charts/nbd-csi}" --namespace kube-system -f "$values" --wait --timeout 10m || status=$?
 echo "e2e: driver installed in $((SECONDS - start)) s (helm exit $status)"
 if [ "$status" -eq 0 ]; then
 	test/e2e/tests.sh || status=$?
