@@ -13,7 +13,9 @@
 #
 # Otherwise the vm provider boots, besides its E2E_NODES workers, one whose
 # kernel refuses nbd (E2E_NODES_WITHOUT_NBD, default 1):
-# TestNoVolumesOnNodeWithoutNBD proves no NBD volume is ever placed there.
+# TestNoVolumesOnNodeWithoutNBD proves no NBD volume is ever placed there;
+# and after the tests it runs the README's cluster quick start as written
+# (test/e2e/quickstart.sh; E2E_QUICKSTART=0 skips it).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 PROVIDER=${E2E_PROVIDER:-kind}
@@ -28,13 +30,6 @@ status=0
 case $PROVIDER in
 vm)
 	test/e2e/vm/cluster.sh build
-	# The chart as released: make release's package (hack/release.sh),
-	# not the source directory.
-	release=${E2E_CACHE:-$PWD/.cache/e2e}/release
-	start=$SECONDS
-	make -s release RELEASE_DIR="$release" >/dev/null
-	chart=$(ls "$release"/nbd-csi-*.tgz)
-	echo "e2e: make release in $((SECONDS - start)) s: installing $chart"
 	export E2E_NODES_WITHOUT_NBD=${E2E_NODES_WITHOUT_NBD:-1}
 	# The names the test expects without nbd (cluster.sh numbers them after
 	# the capable nodes: vmnode3 with two of those).
@@ -59,6 +54,13 @@ vm)
 		[ "${E2E_KEEP:-}" = 1 ] || test/e2e/vm/cluster.sh down
 	}
 	trap cleanup EXIT
+	# The chart as released: make release's package (hack/release.sh),
+	# not the source directory.
+	release=${E2E_CACHE:-$PWD/.cache/e2e}/release
+	start=$SECONDS
+	make -s release RELEASE_DIR="$release" >/dev/null
+	chart=$(ls "$release"/nbd-csi-*.tgz)
+	echo "e2e: make release in $((SECONDS - start)) s: installing $chart"
 	test/e2e/vm/nbd-server.sh start
 	values=test/e2e/values-vm.yaml
 	[ "${E2E_SMOKE:-}" = 1 ] && values=test/e2e/values-smoke.yaml
@@ -78,5 +80,11 @@ start=$SECONDS
 echo "e2e: driver installed in $((SECONDS - start)) s (helm exit $status)"
 if [ "$status" -eq 0 ]; then
 	test/e2e/tests.sh || status=$?
+fi
+# Last, on the vm provider (not the smoke): the README's quick start as
+# written, after removing the e2e's own install (E2E_QUICKSTART=0 skips).
+if [ "$status" -eq 0 ] && [ "$PROVIDER" = vm ] && [ "${E2E_SMOKE:-}" != 1 ] && [ "${E2E_QUICKSTART:-1}" = 1 ]; then
+	"$helm" uninstall nbd-csi --namespace kube-system --wait --timeout 10m || status=$?
+	[ "$status" -ne 0 ] || E2E_CHART=$chart test/e2e/quickstart.sh || status=$?
 fi
 exit "$status"
