@@ -23,7 +23,7 @@ FUZZ_TARGETS := \
 
 DEPS         := hack/install-deps.sh
 
-.PHONY: all build test e2e kube unit fuzz vm-test bench demo lint verify generate image release clean
+.PHONY: all build test e2e e2e-smoke kube unit fuzz vm-test bench demo lint verify generate image release clean
 
 all: build
 
@@ -68,6 +68,10 @@ E2E_PROVIDER ?= kind
 e2e:
 	E2E_PROVIDER=$(E2E_PROVIDER) test/e2e/run.sh
 
+## e2e-smoke: what CI runs after make test: the vm provider, one worker, the chart as shipped, TestDataSurvivesPods and TestNodePluginRestartWhileWriting (root)
+e2e-smoke:
+	E2E_PROVIDER=vm E2E_SMOKE=1 test/e2e/run.sh
+
 ## bench: benchmarks against the reference tools, same run, with ratios
 bench: build
 	$(DEPS) test
@@ -108,8 +112,9 @@ image:
 	docker build --build-arg VENDORED=$(or $(VENDORED),false) --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
 
 ## release: every release artifact in dist/ without pushing: binaries for linux/amd64 and arm64, SHA256SUMS, the chart package, and the multi-arch image where docker buildx is present
+RELEASE_DIR ?= dist
 release:
-	VERSION=$(VERSION) hack/release.sh dist
+	VERSION=$(VERSION) hack/release.sh $(RELEASE_DIR)
 
 clean:
 	rm -rf $(BIN) build dist

@@ -12,7 +12,8 @@
 #   test    make test: the VM rig, a C compiler for -race, openssl, etcd, GNU time
 #           (the Kubernetes store's tests), git and make
 #   e2e-vm  make e2e E2E_PROVIDER=vm: the VM rig plus debootstrap, etcd,
-#           socat, iproute2, python3, curl, xz (test/e2e/vm/cluster.sh)
+#           socat, iproute2, python3, curl, xz (test/e2e/vm/cluster.sh),
+#           dnsmasq (the cluster DNS of test/e2e/quickstart.sh)
 #
 # Only packages that are missing are installed. As root: apt-get update,
 # then apt-get install of those. Otherwise it prints the one command to run
@@ -35,7 +36,7 @@ packages() {
 		;;
 	e2e-vm)
 		packages vm
-		echo debootstrap etcd-server openssl ca-certificates socat iproute2 python3 curl xz-utils gzip git
+		echo debootstrap etcd-server openssl ca-certificates socat iproute2 python3 curl xz-utils gzip git dnsmasq-base
 		;;
 	*)
 		return 1

@@ -4,8 +4,12 @@
 # pushes and signs): the nbd-csi binaries for linux/amd64 and linux/arm64,
 # their SHA256SUMS, the chart package, and — where a Docker engine with
 # buildx is present — the multi-arch image as an OCI archive with SBOM and
-# provenance attestations.
+# provenance attestations; without buildx, as root, one docker-archive per
+# architecture (nbd-csi-VERSION-image-linux-ARCH.tar, hack/release-image.sh;
+# RELEASE_IMAGES=0 leaves the image out).
 # Usage: hack/release.sh [OUTDIR]   (default dist/)
+# RELEASE_ARCHES (default "amd64 arm64") narrows the binaries (the e2e
+# smoke consumes only the chart and builds amd64 alone).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 out=${1:-dist}
@@ -19,21 +23,30 @@ if [ -n "$tag" ] && [ "${tag#v}" != "$app" ]; then
 fi
 commit=$(git rev-parse HEAD)
 rm -rf "$out"; mkdir -p "$out"
-for arch in amd64 arm64; do
+for arch in ${RELEASE_ARCHES:-amd64 arm64}; do
 	CGO_ENABLED=0 GOOS=linux GOARCH=$arch go build -trimpath -buildvcs=false \
 		-ldflags "-s -w -X main.version=$version -X main.commit=$commit" \
 		-o "$out/nbd-csi-$version-linux-$arch" ./cmd/nbd-csi
 done
 "$(hack/helm.sh)" package charts/nbd-csi --destination "$out" >/dev/null
-(cd "$out" && sha256sum nbd-csi-* > SHA256SUMS)
-if docker buildx version >/dev/null 2>&1; then
+if [ "${RELEASE_IMAGES:-1}" = 0 ]; then
+	echo "RELEASE_IMAGES=0: image not built" >&2
+elif docker buildx version >/dev/null 2>&1; then
 	docker buildx build --platform linux/amd64,linux/arm64 \
 		--build-arg VERSION="$version" --build-arg COMMIT="$commit" \
 		--sbom=true --provenance=mode=max \
 		--output "type=oci,dest=$out/nbd-csi-$version-image.oci.tar" \
 		-t "ghcr.io/nbd-csi/nbd-csi:$version" .
+elif [ "$(id -u)" -eq 0 ]; then
+	# No container engine: the same image, one docker-archive per
+	# architecture, from Debian's packages (hack/release-image.sh).
+	for arch in ${RELEASE_ARCHES:-amd64 arm64}; do
+		hack/release-image.sh "$arch" "$out/nbd-csi-$version-linux-$arch" "$version" "$commit" \
+			"$out/nbd-csi-$version-image-linux-$arch.tar"
+	done
 else
-	echo "no docker buildx here: image not built (the release workflow builds it)" >&2
+	echo "no docker buildx and not root: image not built (run as root for docker-archive images made by hack/release-image.sh; the release workflow builds it with buildx)" >&2
 fi
+(cd "$out" && sha256sum nbd-csi-* > SHA256SUMS)
 echo "release $version (chart $chart) in $out:"
 ls -l "$out"

@@ -100,55 +100,59 @@ func container(t *testing.T, o object, name string) map[string]any {
 	return nil
 }
 
-// TestChartE2EValues: the values files the e2e providers install with
-// pass the schema, and the e2e runs exactly the sidecar releases the chart
-// pins: every controller sidecar runs an image test/e2e/vm/cluster.sh builds
-// (build_sidecar NAME MODULE VERSION CMD makes nbd-csi-e2e/NAME:VERSION,
-// neither provider can pull one) at the chart's default tag. The registrar
-// is the exception: its module is not on the proxy, so the e2e runs a
-// stand-in (test/e2e/images/registrar).
+// TestChartE2EValues: the e2e installs the chart's images as shipped. Every
+// sidecar the chart pins (controller and node) is an image
+// test/e2e/vm/cluster.sh builds from upstream source under exactly the
+// chart's default reference (build_sidecar NAME SOURCE VERSION CMD makes
+// registry.k8s.io/sig-storage/CMD:VERSION), the nbd-csi image is built
+// under the chart's default reference too, and the values files the e2e
+// providers install with pass the schema and override no image.
 func TestChartE2EValues(t *testing.T) {
 	script, err := os.ReadFile("../../test/e2e/vm/cluster.sh")
 	if err != nil {
 		t.Fatal(err)
 	}
 	built := map[string]bool{}
-	for _, m := range regexp.MustCompile(`(?m)^\s*build_sidecar (\S+) \S+ (\S+) `).FindAllStringSubmatch(string(script), -1) {
-		built["nbd-csi-e2e/"+m[1]+":"+m[2]] = true
+	for _, m := range regexp.MustCompile(`(?m)^\s*build_sidecar \S+ \S+ (\S+) (\S+)\s*$`).FindAllStringSubmatch(string(script), -1) {
+		built["registry.k8s.io/sig-storage/"+m[2]+":"+m[1]] = true
 	}
-	// The chart's pins, from its default rendering.
-	pinned := map[string]string{}
-	for _, c := range get(render(t)["Deployment/nbd-csi-controller"], "spec", "template", "spec", "containers").([]any) {
-		c := c.(map[string]any)
-		if name := c["name"].(string); name != "nbd-csi" {
-			img := c["image"].(string)
-			pinned[strings.TrimPrefix(name, "csi-")] = img[strings.LastIndex(img, ":")+1:]
+	if !regexp.MustCompile(`(?m)^nbdcsi_image\(\) \{ echo "ghcr.io/nbd-csi/nbd-csi:\$\(app_version\)"; \}$`).Match(script) {
+		t.Error("cluster.sh does not name the nbd-csi image ghcr.io/nbd-csi/nbd-csi:$(app_version), the chart's default")
+	}
+	// images: every container image of the controller and node pods.
+	images := func(objs map[string]map[string]any) map[string]string {
+		out := map[string]string{}
+		for _, kind := range []string{"Deployment/nbd-csi-controller", "DaemonSet/nbd-csi-node"} {
+			for _, c := range get(objs[kind], "spec", "template", "spec", "containers").([]any) {
+				c := c.(map[string]any)
+				out[kind+" "+c["name"].(string)] = c["image"].(string)
+			}
+		}
+		return out
+	}
+	defaults := images(render(t))
+	sidecars := 0
+	for who, img := range defaults {
+		if strings.HasSuffix(who, " nbd-csi") {
+			if !strings.HasPrefix(img, "ghcr.io/nbd-csi/nbd-csi:") {
+				t.Errorf("%s runs %s, want ghcr.io/nbd-csi/nbd-csi:APPVERSION", who, img)
+			}
+			continue
+		}
+		sidecars++
+		if !built[img] {
+			t.Errorf("the chart's %s runs %s, which cluster.sh does not build (it builds %v)", who, img, built)
 		}
 	}
-	if len(pinned) != 3 || len(built) != 3 {
-		t.Fatalf("chart sidecars %v, built by cluster.sh %v: want provisioner, attacher and resizer", pinned, built)
-	}
-	for name, tag := range pinned {
-		if !built["nbd-csi-e2e/"+name+":"+tag] {
-			t.Errorf("the chart pins %s %s, cluster.sh builds %v", name, tag, built)
-		}
+	if sidecars != 4 || len(built) != 4 {
+		t.Errorf("chart sidecars %d, built by cluster.sh %v: want provisioner, attacher, resizer and node-driver-registrar", sidecars, built)
 	}
 	for _, file := range []string{"../../e2e/values-vm.yaml", "../../e2e/kind/values-rig.yaml"} {
-		dep := render(t, file)["Deployment/nbd-csi-controller"]
-		sidecars := 0
-		for _, c := range get(dep, "spec", "template", "spec", "containers").([]any) {
-			c := c.(map[string]any)
-			if c["name"] == "nbd-csi" {
-				continue
+		got := images(render(t, file))
+		for who, img := range defaults {
+			if got[who] != img {
+				t.Errorf("%s: %s runs %s, want the chart's default %s", file, who, got[who], img)
 			}
-			sidecars++
-			want := "nbd-csi-e2e/" + strings.TrimPrefix(c["name"].(string), "csi-") + ":" + pinned[strings.TrimPrefix(c["name"].(string), "csi-")]
-			if c["image"] != want {
-				t.Errorf("%s: %s runs %v, want %s (built by cluster.sh at the chart's pin)", file, c["name"], c["image"], want)
-			}
-		}
-		if sidecars != 3 {
-			t.Errorf("%s: %d sidecars in the controller, want provisioner, attacher and resizer", file, sidecars)
 		}
 	}
 }

@@ -222,6 +222,12 @@ func pod(t *testing.T, name, claim string, block bool, node, script string) *cor
 				MatchFields: []corev1.NodeSelectorRequirement{{Key: "metadata.name", Operator: corev1.NodeSelectorOpIn, Values: []string{node}}},
 			}}}}}
 	}
+	return podWith(t, name, claim, block, affinity, script)
+}
+
+// podWith is pod with any affinity (nil: none).
+func podWith(t *testing.T, name, claim string, block bool, affinity *corev1.Affinity, script string) *corev1.Pod {
+	t.Helper()
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
 		Spec: corev1.PodSpec{
@@ -305,8 +311,12 @@ func events(name string) string {
 	return b.String()
 }
 
+// nodes lists the schedulable nodes that can take an NBD volume: those
+// whose node plugin reported the capable topology segment (kubelet copies
+// it to the node's labels). A node without nbd in the cluster
+// (TestNoVolumesOnNodeWithoutNBD) is never one of them.
 func nodes(t *testing.T) []string {
-	l, err := cs.CoreV1().Nodes().List(context.Background(), metav1.ListOptions{})
+	l, err := cs.CoreV1().Nodes().List(context.Background(), metav1.ListOptions{LabelSelector: topologyCapable + "=true"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,6 +328,10 @@ func nodes(t *testing.T) []string {
 	}
 	return out
 }
+
+// topologyCapable is the topology key of nodes that can attach NBD devices
+// (pkg/driver TopologyKeyCapable).
+const topologyCapable = "topology.nbd-csi.io/nbd-capable"
 
 const startTimeout = 5 * time.Minute
 

@@ -116,7 +116,7 @@ func TestInstallDepsGroups(t *testing.T) {
 		"vm":     {"qemu-system-x86", "busybox-static", "cpio", "kmod", "nbdkit", "nbd-client", "nbd-server", "libnbd-bin", "qemu-utils", "xfsprogs", "e2fsprogs"},
 		"demo":   {"nbdkit", "qemu-system-x86", "busybox-static"},
 		"test":   {"nbdkit", "qemu-utils", "nbd-server", "nbd-client", "libnbd-bin", "etcd-server", "openssl", "gcc", "git", "make"},
-		"e2e-vm": {"debootstrap", "qemu-system-x86", "qemu-utils", "etcd-server", "openssl", "socat", "iproute2", "python3", "curl", "xz-utils", "busybox-static", "cpio", "nbdkit", "libnbd-bin"},
+		"e2e-vm": {"debootstrap", "qemu-system-x86", "qemu-utils", "etcd-server", "openssl", "socat", "iproute2", "python3", "curl", "xz-utils", "busybox-static", "cpio", "nbdkit", "libnbd-bin", "dnsmasq-base"},
 	} {
 		got := groupPackages(t, group)
 		for _, p := range must {

@@ -50,7 +50,8 @@ func TestMakeDemoInstallsFirst(t *testing.T) {
 // TestCIRunInstallsThenTests runs .ci/run in a scratch repository with
 // stub programs: as a non-root user it must install the packages of the
 // group "test" through sudo and hack/install-deps.sh (the same step make
-// test runs), then run make test, and stop if the install fails.
+// test runs), then run make test, then the cluster smoke (make e2e-smoke)
+// as root, and stop if the install fails.
 func TestCIRunInstallsThenTests(t *testing.T) {
 	src, err := os.ReadFile(filepath.Join(repoRoot(t), ".ci/run"))
 	if err != nil {
@@ -82,7 +83,9 @@ func TestCIRunInstallsThenTests(t *testing.T) {
 		cmd.Env = []string{"PATH=" + stubs + ":/usr/bin:/bin", "HOME=" + repo}
 		out, err := cmd.CombinedOutput()
 		got, _ := os.ReadFile(calls)
-		want := "sudo hack/install-deps.sh test\ninstall-deps test uid=0\ngo version\nmake test\n"
+		// Then the cluster smoke, as root (through sudo, keeping PATH for go).
+		want := "sudo hack/install-deps.sh test\ninstall-deps test uid=0\ngo version\nmake test\n" +
+			"sudo env PATH=" + stubs + ":/usr/bin:/bin make e2e-smoke\nmake e2e-smoke\n"
 		if installFails {
 			want = "sudo hack/install-deps.sh test\ninstall-deps test uid=0\n"
 			if err == nil {

@@ -45,12 +45,13 @@ var allowedSkips = map[string]string{
 	`pkg/store/kubestore/kubestore_test.go: b.Skip("no Kubernetes API server")`:                                 "a benchmark (make bench); TestMain fails without the API server under NBDCSI_REQUIRE_KUBE=1",
 	`internal/servers/servers_test.go: t.Skip("only run as a child of TestServersDieWithTestBinary")`:           "the child half of a test that runs it as a process",
 	// The cluster suite (own module, make e2e; tests.sh sets NBDCSI_REQUIRE_E2E=1).
-	`test/e2e/e2e_test.go: t.Skip("no cluster (KUBECONFIG)")`:                                    "not part of make test; NBDCSI_REQUIRE_E2E=1 under make e2e",
-	`test/e2e/e2e_test.go: t.Skip("the nodes have no nbd (E2E_EXPECT_NO_NBD=1)")`:                "kind provider on hosts without nbd: the other test checks the refusal",
-	`test/e2e/e2e_test.go: t.Skip("for clusters whose nodes have no nbd (E2E_EXPECT_NO_NBD=1)")`: "the refusal test, on clusters with nbd",
-	`test/e2e/e2e_test.go: t.Skip("E2E_SERVER_RESTART_CMD not set")`:                             "provider without a server restart hook",
-	`test/e2e/e2e_test.go: t.Skipf("needs two schedulable nodes, the cluster has %d", len(ns))`:  "one-node clusters",
-	`test/e2e/expand_test.go: t.Skip("E2E_GROW_EXPORT_CMD not set")`:                             "provider without a grow hook",
+	`test/e2e/e2e_test.go: t.Skip("no cluster (KUBECONFIG)")`:                                                 "not part of make test; NBDCSI_REQUIRE_E2E=1 under make e2e",
+	`test/e2e/e2e_test.go: t.Skip("the nodes have no nbd (E2E_EXPECT_NO_NBD=1)")`:                             "kind provider on hosts without nbd: the other test checks the refusal",
+	`test/e2e/e2e_test.go: t.Skip("for clusters whose nodes have no nbd (E2E_EXPECT_NO_NBD=1)")`:              "the refusal test, on clusters with nbd",
+	`test/e2e/e2e_test.go: t.Skip("E2E_SERVER_RESTART_CMD not set")`:                                          "provider without a server restart hook",
+	`test/e2e/e2e_test.go: t.Skipf("needs two schedulable nodes, the cluster has %d", len(ns))`:               "one-node clusters",
+	`test/e2e/expand_test.go: t.Skip("E2E_GROW_EXPORT_CMD not set")`:                                          "provider without a grow hook",
+	`test/e2e/topology_test.go: t.Skip("E2E_NODE_WITHOUT_NBD not set (no node without nbd in this cluster)")`: "clusters without such a node (the smoke); make e2e on the vm provider sets it and requires a pass (E2E_REQUIRE_PASS)",
 }
 
 // skipCall matches the ways a test can skip itself.

@@ -6,6 +6,9 @@
 # boot Debian's cloud kernel (which has nbd.ko) under QEMU from one Debian
 # root filesystem with containerd, kubelet and kube-proxy, and join over a
 # private bridge (host 10.99.0.1, node N at 10.99.0.(1+N), named vmnodeN).
+# E2E_NODES_WITHOUT_NBD more nodes (default 0; make e2e: 1), numbered after
+# those, boot with module_blacklist=nbd on the kernel command line: their
+# kernel refuses the nbd module, as on a distribution without nbd.ko.
 # Each node runs on a copy-on-write overlay of the shared disk; its identity
 # (name, address, kubelet certificates, pod subnet) is a tar on a second disk.
 # Everything is built from Debian's apt and the Go module proxy, cached in
@@ -35,6 +38,15 @@ FILES=$ROOT/test/e2e/vm/files
 BRIDGE=${E2E_BRIDGE:-nbdcsie2e0}
 HOST_IP=10.99.0.1
 NODES=${E2E_NODES:-2}
+NONBD=${E2E_NODES_WITHOUT_NBD:-0}
+MEM_NONBD=${E2E_VM_MEM_WITHOUT_NBD:-2048}
+# all_nodes: the number of node VMs, nbd-capable and not (what up started,
+# for the later sh, load, logs and down).
+all_nodes() {
+	if [ -f "$RUN/nodes" ]; then cat "$RUN/nodes"; else echo $((NODES + NONBD)); fi
+}
+# has_nbd N: whether node N's kernel may load nbd.
+has_nbd() { [ "$1" -le "$NODES" ]; }
 APISERVER_PORT=6443
 MEM=${E2E_VM_MEM:-3072}
 CPUS=${E2E_VM_CPUS:-2}
@@ -123,6 +135,11 @@ copy_with_libs() {
 
 mkimage() { (cd "$ROOT/test/e2e" && go run ./tools/mkimage "$@"); }
 
+# app_version: the chart's appVersion, its default nbd-csi image tag.
+app_version() { sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$ROOT/charts/nbd-csi/Chart.yaml"; }
+# nbdcsi_image: the chart's default nbd-csi image reference.
+nbdcsi_image() { echo "ghcr.io/nbd-csi/nbd-csi:$(app_version)"; }
+
 build_images() {
 	local img=$E2E/images work=$E2E/imgwork
 	mkdir -p "$img"
@@ -140,10 +157,28 @@ build_images() {
 	if [ ! -f "$img/busybox.tar" ]; then
 		mkimage -name nbd-csi-e2e/busybox:1 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/busybox.tar"
 	fi
+	# ... and under the name the README's quick start gives its pod
+	# (busybox:1.37; Debian's busybox, the pod only runs sh in it).
+	if [ ! -f "$img/busybox-1.37.tar" ]; then
+		mkimage -name docker.io/library/busybox:1.37 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/busybox-1.37.tar"
+	fi
 	# The images the upstream External Storage suite runs, under the names
 	# it asks for: its busybox, agnhost (built from the module proxy) on
 	# busybox, and for nginx and jessie-dnsutils stand-ins (busybox; the
-	# suite only runs shell commands in them).
+	# suite only runs shell commands in them). Not when the suite will not
+	# run (E2E_STORAGE=0: the smoke, whose cold start in CI they would
+	# lengthen by an agnhost build).
+	if [ "${E2E_STORAGE:-1}" = 0 ]; then
+		log "E2E_STORAGE=0: the upstream suite's images are not built"
+	else
+		build_suite_images "$img" "$work"
+	fi
+	build_rest_images "$img" "$work"
+}
+
+# build_suite_images IMG WORK: the upstream External Storage suite's images.
+build_suite_images() {
+	local img=$1 work=$2
 	if [ ! -f "$img/e2e-busybox.tar" ]; then
 		mkimage -name registry.k8s.io/e2e-test-images/busybox:1.37.0-1 -rootfs "$work/busybox" -cmd '["sh"]' -out "$img/e2e-busybox.tar"
 	fi
@@ -162,28 +197,31 @@ build_images() {
 		mkimage -name registry.k8s.io/e2e-test-images/nginx:1.14-4 -rootfs "$work/nginx" \
 			-entrypoint '["/bin/httpd","-f","-p","80","-h","/usr/share/nginx/html"]' -out "$img/e2e-nginx.tar"
 	fi
-	# registrar stand-in (the upstream image cannot be fetched here), rebuilt
-	# when its source changes (it must accept every flag the chart passes).
-	local regtar
-	regtar=$img/registrar-$(sha256sum test/e2e/images/registrar/main.go | cut -c1-12).tar
-	if [ ! -f "$regtar" ]; then
-		rm -f "$img"/registrar*.tar
-		mkdir -p "$work/registrar"
-		(cd test/e2e && CGO_ENABLED=0 go build -o "$work/registrar/registrar" ./images/registrar)
-		mkimage -name nbd-csi-e2e/registrar:local -rootfs "$work/registrar" -entrypoint '["/registrar"]' -out "$regtar"
-	fi
-	# CSI sidecars the module proxy serves, built as their own main modules.
+}
+
+# build_rest_images IMG WORK: the sidecars and nbd-csi.
+build_rest_images() {
+	local img=$1 work=$2
+	# The CSI sidecars at the releases the chart pins, built from their
+	# upstream source under the image names the chart's defaults give
+	# (registry.k8s.io/sig-storage/CMD:VERSION; test/chart TestChartE2EValues
+	# checks they agree), so the chart installs them unchanged. Three come
+	# from the Go module proxy; node-driver-registrar's module is not served
+	# there, so its upstream source is kept verbatim in test/e2e/third_party.
 	build_sidecar provisioner github.com/kubernetes-csi/external-provisioner/v6 v6.4.0 csi-provisioner
 	build_sidecar attacher github.com/kubernetes-csi/external-attacher/v4 v4.13.0 csi-attacher
 	build_sidecar resizer github.com/kubernetes-csi/external-resizer/v2 v2.3.0 csi-resizer
+	build_sidecar registrar ./test/e2e/third_party/node-driver-registrar v2.17.0 csi-node-driver-registrar
 	# nbd-csi, always rebuilt (it is what is under test): the binary plus the
 	# filesystem and module tools the node plugin runs, from the node's
-	# Debian root filesystem.
-	log "nbd-csi image"
+	# Debian root filesystem, under the chart's default image reference
+	# (ghcr.io/nbd-csi/nbd-csi:APPVERSION), so the chart installs it with its
+	# default values.
+	log "nbd-csi image $(nbdcsi_image)"
 	local rf=$E2E/rootfs-img
 	if [ ! -d "$rf/usr" ]; then mkdir -p "$rf" && tar -C "$rf" -xf "$E2E/rootfs.tar"; fi
 	mkdir -p "$work/nbd-csi/usr/local/bin" "$work/nbd-csi/tmp" "$work/nbd-csi/etc" "$work/nbd-csi/run"
-	CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=e2e" -o "$work/nbd-csi/usr/local/bin/nbd-csi" ./cmd/nbd-csi
+	CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=$(app_version) -X main.commit=$(git rev-parse HEAD)" -o "$work/nbd-csi/usr/local/bin/nbd-csi" ./cmd/nbd-csi
 	copy_with_libs "$rf" "$work/nbd-csi" \
 		/usr/sbin/mkfs.ext4 /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/fsck.ext4 /usr/sbin/resize2fs /usr/sbin/dumpe2fs /usr/sbin/tune2fs \
 		/usr/sbin/mkfs.xfs /usr/sbin/xfs_repair /usr/sbin/xfs_growfs /usr/sbin/xfs_db /usr/sbin/xfs_io /usr/sbin/fsck.xfs \
@@ -191,25 +229,34 @@ build_images() {
 	ln -sf /usr/bin/kmod "$work/nbd-csi/usr/sbin/modprobe"
 	[ -f "$rf/etc/mke2fs.conf" ] && cp "$rf/etc/mke2fs.conf" "$work/nbd-csi/etc/"
 	for d in bin sbin lib lib64; do [ -e "$work/nbd-csi/$d" ] || ln -s "usr/$d" "$work/nbd-csi/$d"; done
-	mkimage -name nbd-csi-e2e/nbd-csi:e2e -rootfs "$work/nbd-csi" -entrypoint '["/usr/local/bin/nbd-csi"]' -out "$img/nbd-csi.tar"
+	mkimage -name "$(nbdcsi_image)" -rootfs "$work/nbd-csi" -entrypoint '["/usr/local/bin/nbd-csi"]' -out "$img/nbd-csi.tar"
 	rm -rf "$work"
 }
 
-# build_sidecar NAME MODULE VERSION CMD: builds an upstream sidecar from the
-# module proxy into an image nbd-csi-e2e/NAME:VERSION.
+# build_sidecar NAME SOURCE VERSION CMD: builds an upstream CSI sidecar
+# into the image registry.k8s.io/sig-storage/CMD:VERSION (the reference the
+# chart's defaults give), cached as images/NAME-VERSION.tar. SOURCE is a
+# module (MODULE@VERSION from the Go module proxy) or ./DIR, upstream source
+# kept in this repository; either is built as its own main module with its
+# dependencies from the proxy (-mod=mod: no vendor directory).
 build_sidecar() {
 	local name=$1 mod=$2 ver=$3 cmd=$4 img=$E2E/images
 	[ -f "$img/$name-$ver.tar" ] && return
-	rm -f "$img/$name.tar" "$img/$name"-v*.tar
-	log "building $cmd $ver from the Go module proxy (once)"
+	rm -f "$img/$name.tar" "$img/$name"-*.tar
+	log "building $cmd $ver from upstream source and the Go module proxy (once)"
 	local dir src
-	dir=$(go mod download -json "$mod@$ver" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
+	case $mod in
+	./*) dir=$ROOT/${mod#./} ;;
+	*) dir=$(go mod download -json "$mod@$ver" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p') ;;
+	esac
+	[ -f "$dir/go.mod" ] || die "$cmd: no go.mod in $dir"
 	src=$E2E/src/$name
 	rm -rf "$src"; mkdir -p "$src"
 	cp -r "$dir/." "$src/"; chmod -R u+w "$src"
 	mkdir -p "$E2E/imgwork/$name"
-	(cd "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o "$E2E/imgwork/$name/$cmd" "./cmd/$cmd" >&2)
-	mkimage -name "nbd-csi-e2e/$name:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name-$ver.tar"
+	(cd "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-X main.version=$ver" -o "$E2E/imgwork/$name/$cmd" "./cmd/$cmd" >&2) ||
+		die "building $cmd $ver failed"
+	mkimage -name "registry.k8s.io/sig-storage/$cmd:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name-$ver.tar"
 }
 
 build() {
@@ -245,7 +292,7 @@ pki() {
 	for who in admin kcm scheduler proxy; do
 		kubeconfig "$who" > "$who.kubeconfig"
 	done
-	for i in $(seq "$NODES"); do
+	for i in $(seq "$(all_nodes)"); do
 		cert "node$i" "/O=system:nodes/CN=system:node:$(node_name "$i")"
 		cert "kubelet$i" "/CN=$(node_name "$i")" "IP:$(node_ip "$i"),DNS:$(node_name "$i")"
 		kubeconfig "node$i" > "node$i.kubeconfig"
@@ -346,7 +393,7 @@ node_disk() {
 	mkfs.ext4 -q -F -L e2eroot -d "$rf" "$RUN/node.img" 8G
 	rm -rf "$rf"
 	local i
-	for i in $(seq "$NODES"); do node_identity "$i"; done
+	for i in $(seq "$(all_nodes)"); do node_identity "$i"; done
 	# initramfs: busybox and the virtio modules.
 	local ir=$RUN/initramfs
 	rm -rf "$ir"; mkdir -p "$ir/bin" "$ir/modules"
@@ -386,7 +433,7 @@ net_up() {
 	ip addr replace "$HOST_IP/24" dev "$BRIDGE"
 	ip link set "$BRIDGE" up
 	local i tap
-	for i in $(seq "$NODES"); do
+	for i in $(seq "$(all_nodes)"); do
 		tap=$(node_tap "$i")
 		ip link show "$tap" >/dev/null 2>&1 || ip tuntap add dev "$tap" mode tap
 		ip link set "$tap" master "$BRIDGE" up
@@ -394,13 +441,20 @@ net_up() {
 }
 
 boot_node() {
-	local i=$1
+	local i=$1 mem=$MEM append="console=ttyS0 root=/dev/vda rw panic=-1 quiet" what=""
 	local -a accel
 	read -r -a accel <<< "$ACCEL_ARGS"
-	log "booting $(node_name "$i") (QEMU ${ACCEL_ARGS})"
-	start_bg "qemu$i" qemu-system-x86_64 -m "$MEM" -smp "$CPUS" "${accel[@]}" -display none -no-reboot \
+	if ! has_nbd "$i"; then
+		# The kernel itself refuses the module (EPERM, "Module nbd is
+		# blacklisted"), whatever modprobe configuration a container has.
+		append="$append module_blacklist=nbd"
+		mem=$MEM_NONBD
+		what=", kernel refuses nbd"
+	fi
+	log "booting $(node_name "$i") (QEMU ${ACCEL_ARGS}$what)"
+	start_bg "qemu$i" qemu-system-x86_64 -m "$mem" -smp "$CPUS" "${accel[@]}" -display none -no-reboot \
 		-kernel "$(cat "$RUN/vmlinuz")" -initrd "$RUN/initrd.img" \
-		-append "console=ttyS0 root=/dev/vda rw panic=-1 quiet" \
+		-append "$append" \
 		-drive "file=$RUN/node$i.qcow2,if=virtio,format=qcow2,cache=unsafe" \
 		-drive "file=$RUN/node$i.id.tar,if=virtio,format=raw,readonly=on" \
 		-netdev "tap,id=n0,ifname=$(node_tap "$i"),script=no,downscript=no" \
@@ -431,8 +485,8 @@ $(tail_log "$RUN/logs/console$n.log")"
 # control-plane process that exits meanwhile stops the run.
 start_nodes() {
 	local i start=$SECONDS
-	for i in $(seq "$NODES"); do boot_node "$i"; done
-	for i in $(seq "$NODES"); do wait_ready "$i" "$start"; done
+	for i in $(seq "$(all_nodes)"); do boot_node "$i"; done
+	for i in $(seq "$(all_nodes)"); do wait_ready "$i" "$start"; done
 }
 
 up() {
@@ -441,6 +495,7 @@ up() {
 	[ -f "$E2E/rootfs.tar" ] && [ -f "$E2E/images/nbd-csi.tar" ] || build
 	down >/dev/null 2>&1 || true
 	rm -rf "$RUN"; mkdir -p "$RUN/logs" "$RUN/pids"
+	echo $((NODES + NONBD)) > "$RUN/nodes"
 	# A failed up stops what it started; the logs stay in $RUN/logs.
 	trap 'up_failed $?' EXIT
 	ACCEL_ARGS=$(go run ./test/vm/cmd/vmrun -print-accel)
@@ -491,7 +546,7 @@ node_sh() { printf '%s\n' "$*" | socat -t 600 - "TCP:$(node_ip "${E2E_NODE:-1}")
 load() {
 	local t i
 	for t in "$@"; do
-		for i in $(seq "$NODES"); do
+		for i in $(seq "$(all_nodes)"); do
 			{ printf 'ctr -n k8s.io images import -\n'; cat "$t"; } | socat -t 600 - "TCP:$(node_ip "$i"):2222"
 		done
 	done
@@ -502,7 +557,7 @@ collect_logs() {
 	mkdir -p "$out"
 	cp "$RUN"/logs/*.log "$out/" 2>/dev/null || true
 	local f i
-	for i in $(seq "$NODES"); do
+	for i in $(seq "$(all_nodes)"); do
 		for f in kubelet containerd kube-proxy images; do
 			E2E_NODE=$i node_sh "cat /var/log/$f.log" > "$out/$(node_name "$i")-$f.log" 2>/dev/null || true
 		done

@@ -6,6 +6,9 @@
 //
 //	mkimage -name registry.example/x:v1 -rootfs DIR -entrypoint '["/bin/x"]' -out x.tar
 //
+// -arch names the architecture of the files (default amd64), -user the
+// user the image runs as, -label adds OCI labels.
+//
 // One layer; every file owned by root; modes, symlinks and hard links as in
 // DIR.
 package main
@@ -32,14 +35,26 @@ func main() {
 	entrypoint := flag.String("entrypoint", "", "entrypoint as a JSON array")
 	cmd := flag.String("cmd", "", "command as a JSON array")
 	out := flag.String("out", "", "output tar")
-	var env multi
+	arch := flag.String("arch", "amd64", "architecture of the files in -rootfs (GOARCH spelling: amd64, arm64)")
+	user := flag.String("user", "", "user (and group) the image runs as, e.g. 65532:65532")
+	var env, labels multi
 	flag.Var(&env, "env", "KEY=VALUE (repeatable)")
+	flag.Var(&labels, "label", "KEY=VALUE image label (repeatable)")
 	flag.Parse()
 	if *name == "" || *root == "" || *out == "" {
 		fmt.Fprintln(os.Stderr, "usage: mkimage -name REF -rootfs DIR -out FILE [-entrypoint JSON] [-cmd JSON] [-env K=V]...")
 		os.Exit(2)
 	}
-	if err := build(*name, *root, *entrypoint, *cmd, env, *out); err != nil {
+	img := image{name: *name, root: *root, entrypoint: *entrypoint, cmd: *cmd, env: env, arch: *arch, user: *user, labels: map[string]string{}}
+	for _, l := range labels {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok || k == "" {
+			fmt.Fprintf(os.Stderr, "mkimage: -label %q: want KEY=VALUE\n", l)
+			os.Exit(2)
+		}
+		img.labels[k] = v
+	}
+	if err := build(img, *out); err != nil {
 		fmt.Fprintln(os.Stderr, "mkimage:", err)
 		os.Exit(1)
 	}
@@ -50,7 +65,16 @@ type multi []string
 func (m *multi) String() string     { return strings.Join(*m, ",") }
 func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
-func build(name, root, entrypoint, cmd string, env []string, out string) error {
+// image is what mkimage writes: a name, one layer from root, and the config.
+type image struct {
+	name, root, entrypoint, cmd string
+	env                         []string
+	arch, user                  string
+	labels                      map[string]string
+}
+
+func build(img image, out string) error {
+	name, root, entrypoint, cmd, env := img.name, img.root, img.entrypoint, img.cmd, img.env
 	var ep, cm []string
 	if entrypoint != "" {
 		if err := json.Unmarshal([]byte(entrypoint), &ep); err != nil {
@@ -76,9 +100,16 @@ func build(name, root, entrypoint, cmd string, env []string, out string) error {
 	if !hasPath(env) {
 		env = append(env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 	}
+	cfg := map[string]any{"Entrypoint": ep, "Cmd": cm, "Env": env, "WorkingDir": "/"}
+	if img.user != "" {
+		cfg["User"] = img.user
+	}
+	if len(img.labels) > 0 {
+		cfg["Labels"] = img.labels
+	}
 	config, err := json.Marshal(map[string]any{
-		"architecture": "amd64", "os": "linux", "created": time.Unix(0, 0).UTC(),
-		"config": map[string]any{"Entrypoint": ep, "Cmd": cm, "Env": env, "WorkingDir": "/"},
+		"architecture": img.arch, "os": "linux", "created": time.Unix(0, 0).UTC(),
+		"config": cfg,
 		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{"sha256:" + diffID}},
 	})
 	if err != nil {

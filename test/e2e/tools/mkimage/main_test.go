@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package main
+
+import (
+	"archive/tar"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestBuild: the archive holds a manifest naming the image, its config
+// (architecture, user, labels, entrypoint) and one layer with the files.
+func TestBuild(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "usr/bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "usr/bin/x"), []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "x.tar")
+	img := image{name: "example.org/x:v1", root: root, entrypoint: `["/usr/bin/x"]`, arch: "arm64", user: "65532:65532",
+		labels: map[string]string{"org.opencontainers.image.version": "v1"}}
+	if err := build(img, out); err != nil {
+		t.Fatal(err)
+	}
+	files := readTar(t, out)
+	var manifest []struct {
+		Config   string
+		RepoTags []string
+		Layers   []string
+	}
+	if err := json.Unmarshal(files["manifest.json"], &manifest); err != nil || len(manifest) != 1 {
+		t.Fatalf("manifest.json: %v %s", err, files["manifest.json"])
+	}
+	m := manifest[0]
+	if len(m.RepoTags) != 1 || m.RepoTags[0] != img.name || len(m.Layers) != 1 {
+		t.Fatalf("manifest %+v", m)
+	}
+	var config struct {
+		Architecture string
+		Config       struct {
+			User       string
+			Entrypoint []string
+			Labels     map[string]string
+		}
+	}
+	if err := json.Unmarshal(files[m.Config], &config); err != nil {
+		t.Fatal(err)
+	}
+	if config.Architecture != "arm64" || config.Config.User != "65532:65532" || strings.Join(config.Config.Entrypoint, " ") != "/usr/bin/x" ||
+		config.Config.Labels["org.opencontainers.image.version"] != "v1" {
+		t.Errorf("config %+v", config)
+	}
+	layer := filepath.Join(t.TempDir(), "layer.tar")
+	if err := os.WriteFile(layer, files[m.Layers[0]], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := string(readTar(t, layer)["usr/bin/x"]); got != "#!/bin/sh\n" {
+		t.Errorf("usr/bin/x in the layer: %q", got)
+	}
+}
+
+func readTar(t *testing.T, path string) map[string][]byte {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	out := map[string][]byte{}
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(tr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[h.Name] = b
+	}
+}
