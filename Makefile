@@ -19,7 +19,9 @@ FUZZ_TARGETS := \
 	./pkg/nbd:FuzzParseURI \
 	./pkg/nbd:FuzzHandshake \
 	./pkg/nbd:FuzzReplies \
-	./pkg/nbd:FuzzDecodeInfo
+	./pkg/nbd:FuzzDecodeInfo \
+	./pkg/nbd:FuzzServerKey \
+	./pkg/ktls:FuzzStream
 
 DEPS         := hack/install-deps.sh
 
