@@ -67,8 +67,16 @@ func TestAttachTLSModesWithoutKernelTLS(t *testing.T) {
 				t.Errorf("events %v; fallback event wanted: %v", ev, tc.fallback)
 			}
 			_ = att
+			// What `nbd-csi devices --state-dir` shows.
+			mode, reason, err := ReadTLSMode(p.secrets, "vol")
+			if err != nil || mode != tc.wantTLS || (reason != "") != tc.fallback {
+				t.Errorf("recorded mode %q reason %q (%v); want %q, reason given %v", mode, reason, err, tc.wantTLS, tc.fallback)
+			}
 			if err := p.a.Detach(ctx, "vol"); err != nil {
 				t.Fatal(err)
+			}
+			if mode, _, err := ReadTLSMode(p.secrets, "vol"); mode != "" || err != nil {
+				t.Errorf("mode %q (%v) still recorded after detach", mode, err)
 			}
 		})
 	}
