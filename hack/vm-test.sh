@@ -24,7 +24,7 @@ bindir=$(mktemp -d)
 trap 'rm -rf "$bindir"' EXIT
 CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
 args=(-file "$bindir/nbd-csi:/bin/nbd-csi" -env NBDCSI_BIN=/bin/nbd-csi)
-script="modprobe nbd nbds_max=16 max_part=0 && modprobe unix_diag && modprobe inet_diag && modprobe tcp_diag && modprobe aesni-intel"
+script="modprobe nbd nbds_max=16 max_part=0 && modprobe unix_diag && modprobe inet_diag && modprobe tcp_diag && { modprobe aesni-intel || modprobe gcm; }"
 declare -A built=()
 for suite in "${suites[@]}"; do
 	p=${suite%%:*}

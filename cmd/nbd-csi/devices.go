@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -166,6 +167,11 @@ type DeviceOutput struct {
 	Connected bool   `json:"connected"`
 	PID       int    `json:"pid"`
 	ReadOnly  bool   `json:"read_only"`
+	// TLS and TLSFallback: with --state-dir, how the node plugin last
+	// handed a TLS volume's connections to the kernel ("kernel" or
+	// "relay") and why not kernel TLS.
+	TLS         string `json:"tls,omitempty"`
+	TLSFallback string `json:"tls_fallback,omitempty"`
 }
 
 func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
@@ -173,6 +179,7 @@ func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
 	var df deviceFlags
 	df.register(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
+	stateDir := fs.String("state-dir", "", "the node plugin's --state-dir: show how it encrypts TLS volumes (kernel TLS or relay)")
 	if err := parseFlags(fs, args, "devices [flags]"); err != nil {
 		return err
 	}
@@ -197,16 +204,33 @@ func runDevices(ctx context.Context, args []string, stdout io.Writer) error {
 		case strings.HasPrefix(x.BackendID, attach.CLIBackendPrefix):
 			owner = "cli"
 		}
-		out = append(out, DeviceOutput{Device: x.Path, Index: x.Index, BackendID: x.BackendID, Owner: owner,
-			Size: x.SizeBytes, Connected: x.Connected, PID: x.PID, ReadOnly: x.ReadOnly})
+		d := DeviceOutput{Device: x.Path, Index: x.Index, BackendID: x.BackendID, Owner: owner,
+			Size: x.SizeBytes, Connected: x.Connected, PID: x.PID, ReadOnly: x.ReadOnly}
+		if vol, ok := strings.CutPrefix(x.BackendID, attach.BackendPrefix); ok && *stateDir != "" {
+			if d.TLS, d.TLSFallback, err = attach.ReadTLSMode(filepath.Join(*stateDir, "tls"), vol); err != nil {
+				return err
+			}
+		}
+		out = append(out, d)
 	}
 	if *asJSON {
 		return writeJSON(stdout, out)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "DEVICE\tSIZE\tCONNECTED\tRO\tOWNER\tBACKEND")
+	if *stateDir == "" {
+		fmt.Fprintln(tw, "DEVICE\tSIZE\tCONNECTED\tRO\tOWNER\tBACKEND")
+		for _, x := range out {
+			fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, printable(x.Owner), printable(x.BackendID))
+		}
+		return tw.Flush()
+	}
+	fmt.Fprintln(tw, "DEVICE\tSIZE\tCONNECTED\tRO\tOWNER\tTLS\tBACKEND")
 	for _, x := range out {
-		fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, printable(x.Owner), printable(x.BackendID))
+		tlsMode := x.TLS
+		if tlsMode == "" {
+			tlsMode = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%v\t%v\t%s\t%s\t%s\n", x.Device, humanBytes(x.Size), x.Connected, x.ReadOnly, printable(x.Owner), printable(tlsMode), printable(x.BackendID))
 	}
 	return tw.Flush()
 }

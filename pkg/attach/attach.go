@@ -281,13 +281,19 @@ func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.
 		n.fallback = err.Error()
 		if errors.Is(err, ktls.ErrBroken) {
 			// The session cannot go on; a fresh one goes to the relay.
+			was := c.Export()
 			c.Close()
 			if c, err = nbd.Dial(ctx, spec.URI, tlsOpts(spec)...); err != nil {
 				return err
 			}
-			if !c.Export().TLS {
+			now := c.Export()
+			switch {
+			case !now.TLS:
 				c.Close()
 				return fmt.Errorf("%w: the redialled connection is not TLS", nbd.ErrTLSUnavailable)
+			case now.Size != was.Size || now.Flags != was.Flags:
+				c.Close()
+				return fmt.Errorf("redialled connection saw size %d flags %v, the first size %d flags %v", now.Size, now.Flags, was.Size, was.Flags)
 			}
 		}
 	}

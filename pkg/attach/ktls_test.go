@@ -3,14 +3,22 @@
 package attach
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
+	"encoding/binary"
 	"errors"
+	"io"
+	"net"
 	"os"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/nbd-csi/nbd-csi/internal/servers"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
@@ -67,9 +75,148 @@ func TestAttachTLSModesWithoutKernelTLS(t *testing.T) {
 				t.Errorf("events %v; fallback event wanted: %v", ev, tc.fallback)
 			}
 			_ = att
+			// What `nbd-csi devices --state-dir` shows.
+			mode, reason, err := ReadTLSMode(p.secrets, "vol")
+			if err != nil || mode != tc.wantTLS || (reason != "") != tc.fallback {
+				t.Errorf("recorded mode %q reason %q (%v); want %q, reason given %v", mode, reason, err, tc.wantTLS, tc.fallback)
+			}
 			if err := p.a.Detach(ctx, "vol"); err != nil {
 				t.Fatal(err)
 			}
+			if mode, _, err := ReadTLSMode(p.secrets, "vol"); mode != "" || err != nil {
+				t.Errorf("mode %q (%v) still recorded after detach", mode, err)
+			}
 		})
+	}
+}
+
+// junkProxy terminates NBD STARTTLS with crypto/tls in front of a
+// plaintext server (like a TLS NBD server would) and, on its first
+// session only, appends bytes nobody asked for to the record carrying the
+// NBD_OPT_GO acknowledgement: a server breaking the protocol right at the
+// hand-off.
+type junkProxy struct {
+	ln      net.Listener
+	backend string
+	cfg     *tls.Config
+	first   atomic.Bool
+}
+
+func newJunkProxy(t *testing.T, backend string, cfg *tls.Config) *junkProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &junkProxy{ln: ln, backend: backend, cfg: cfg}
+	p.first.Store(true)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.serve(c)
+		}
+	}()
+	return p
+}
+
+func (p *junkProxy) serve(c net.Conn) {
+	defer c.Close()
+	greet := make([]byte, 18)
+	binary.BigEndian.PutUint64(greet, 0x4e42444d41474943)
+	binary.BigEndian.PutUint64(greet[8:], 0x49484156454f5054)
+	binary.BigEndian.PutUint16(greet[16:], 3)
+	if _, err := c.Write(greet); err != nil {
+		return
+	}
+	flags, opt := make([]byte, 4), make([]byte, 16)
+	if _, err := io.ReadFull(c, flags); err != nil {
+		return
+	}
+	if _, err := io.ReadFull(c, opt); err != nil || binary.BigEndian.Uint32(opt[8:]) != 5 {
+		return
+	}
+	ack := make([]byte, 20)
+	binary.BigEndian.PutUint64(ack, 0x3e889045565a9)
+	binary.BigEndian.PutUint32(ack[8:], 5)
+	binary.BigEndian.PutUint32(ack[12:], 1)
+	if _, err := c.Write(ack); err != nil {
+		return
+	}
+	tc := tls.Server(c, p.cfg)
+	if err := tc.Handshake(); err != nil {
+		return
+	}
+	b, err := net.Dial("unix", p.backend)
+	if err != nil {
+		return
+	}
+	defer b.Close()
+	if _, err := io.ReadFull(b, make([]byte, 18)); err != nil {
+		return
+	}
+	if _, err := b.Write(flags); err != nil {
+		return
+	}
+	junk := p.first.Swap(false)
+	goAck := make([]byte, 20)
+	binary.BigEndian.PutUint64(goAck, 0x3e889045565a9)
+	binary.BigEndian.PutUint32(goAck[8:], 7) // NBD_OPT_GO
+	binary.BigEndian.PutUint32(goAck[12:], 1)
+	go func() { _, _ = io.Copy(b, tc); b.Close() }()
+	buf := make([]byte, 64<<10)
+	var seen []byte
+	for {
+		n, err := b.Read(buf)
+		if n > 0 {
+			out := buf[:n]
+			if junk {
+				seen = append(seen, out...)
+				if bytes.Contains(seen, goAck) {
+					out = append(bytes.Clone(out), "JUNKJUNK"...)
+					junk = false
+				}
+			}
+			if _, err := tc.Write(out); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// TestAttachTLSUndrainedFallsBackOnFreshSession: a server that sends data
+// nobody asked for in the record of its GO acknowledgement leaves it in
+// crypto/tls, where the kernel would never see it: the offload is refused
+// (the probe that found it consumed a byte, so that session is closed), and
+// with tls=auto a fresh session goes to the relay, visibly.
+func TestAttachTLSUndrainedFallsBackOnFreshSession(t *testing.T) {
+	certs := servers.GenerateCerts(t)
+	cert, err := tls.LoadX509KeyPair(certs.ServerCertFile, certs.ServerKeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := servers.Nbdkit(t, servers.Unix, "memory", "size=1M")
+	p := newJunkProxy(t, backend.Address(), &tls.Config{Certificates: []tls.Certificate{cert}})
+	k := newFakeKernel(t)
+	pl := newPlugin(t, k)
+	sp := spec(t, "nbds://"+p.ln.Addr().String()+"/", 1)
+	sp.TLS = &nbd.TLSOptions{CAFile: certs.CAFile}
+	if _, err := pl.a.Attach(context.Background(), sp); err != nil {
+		t.Fatal(err)
+	}
+	got, err := pl.a.Lookup(context.Background(), "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.TLS != driver.TLSRelay || !strings.Contains(got.TLSFallback, ktls.ErrUndrained.Error()) {
+		t.Fatalf("TLS %q fallback %q; want the relay, because of unread data", got.TLS, got.TLSFallback)
+	}
+	if err := pl.a.Detach(context.Background(), "vol"); err != nil {
+		t.Fatal(err)
 	}
 }

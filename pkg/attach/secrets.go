@@ -6,9 +6,12 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
@@ -92,11 +95,65 @@ func (a *Attacher) loadTLS(volumeID string) *nbd.TLSOptions {
 	return &nbd.TLSOptions{CAPEM: st.CA, CertPEM: st.Cert, KeyPEM: st.Key, ServerName: st.ServerName, InsecureSkipVerify: st.Insecure}
 }
 
-// removeTLS forgets a volume's TLS material.
+// removeTLS forgets a volume's TLS material (and its recorded mode).
 func (a *Attacher) removeTLS(volumeID string) {
 	if a.opts.SecretsDir == "" {
 		return
 	}
 	_ = os.Remove(a.tlsPath(volumeID)) // a missing file is fine; nothing depends on it
+	_ = os.Remove(tlsModePath(a.opts.SecretsDir, volumeID))
 
+}
+
+// tlsModePath is where the TLS mode of a volume's connections is recorded
+// (no secret: "kernel", or "relay" and the reason on a second line).
+func tlsModePath(dir, volumeID string) string {
+	h := sha256.Sum256([]byte(volumeID))
+	return filepath.Join(dir, hex.EncodeToString(h[:16])+".mode")
+}
+
+// recordTLSMode records how a volume's last connections handed to the
+// kernel are encrypted, for `nbd-csi devices` (best effort: the plugin's
+// metrics and Events are the authoritative view).
+func (a *Attacher) recordTLSMode(volumeID, mode, reason string) {
+	if a.opts.SecretsDir == "" || mode == "" {
+		return
+	}
+	if os.MkdirAll(a.opts.SecretsDir, 0o700) != nil {
+		return
+	}
+	tmp, err := os.CreateTemp(a.opts.SecretsDir, ".tmp-mode-*")
+	if err != nil {
+		return
+	}
+	defer os.Remove(tmp.Name())
+	_, werr := tmp.WriteString(mode + "\n" + reason + "\n")
+	if cerr := tmp.Close(); werr != nil || cerr != nil {
+		return
+	}
+	_ = os.Rename(tmp.Name(), tlsModePath(a.opts.SecretsDir, volumeID))
+}
+
+// maxModeFile bounds what ReadTLSMode reads.
+const maxModeFile = 4096
+
+// ReadTLSMode returns the TLS mode recorded for a volume under secretsDir
+// (the node plugin's --state-dir/tls): driver.TLSKernel or
+// driver.TLSRelay, and for the relay why the kernel could not take the
+// session. Empty when nothing is recorded (a plaintext volume).
+func ReadTLSMode(secretsDir, volumeID string) (mode, reason string, err error) {
+	f, err := os.Open(tlsModePath(secretsDir, volumeID))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", "", nil
+	}
+	if err != nil {
+		return "", "", err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxModeFile))
+	if err != nil {
+		return "", "", err
+	}
+	mode, reason, _ = strings.Cut(string(b), "\n")
+	return mode, strings.TrimSuffix(reason, "\n"), nil
 }

@@ -442,9 +442,11 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 	return len(taken), nil
 }
 
-// reportRelay tells OnEvent when n's connections go through the relay
-// although the volume allows kernel TLS (tls=auto fell back).
+// reportRelay records the TLS mode of n's connections (which the kernel
+// took) and tells OnEvent when they go through the relay although the
+// volume allows kernel TLS (tls=auto fell back).
 func (w *watch) reportRelay(n *negotiated) {
+	w.a.recordTLSMode(w.spec.VolumeID, n.tls, n.fallback)
 	if n.tls == driver.TLSRelay && n.fallback != "" {
 		w.emit(device.Event{Kind: device.EventTLSRelay, Err: errors.New(n.fallback)})
 	}

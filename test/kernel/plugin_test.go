@@ -4,10 +4,12 @@ package kernel
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -199,6 +201,29 @@ func pluginKilledMode(t *testing.T, useTLS, encrypted bool, tlsMode string) {
 	}
 	w := startWriter(t, filepath.Join(target, "log"))
 	w.waitRecords(t, 20, time.Minute)
+	if useTLS {
+		// `nbd-csi devices --state-dir` shows how the plugin encrypts it.
+		out, err := exec.Command(pluginBinary(t), "devices", "--json", "--state-dir", state).Output()
+		if err != nil {
+			t.Fatalf("devices: %v", err)
+		}
+		var devs []struct {
+			BackendID string `json:"backend_id"`
+			TLS       string `json:"tls"`
+		}
+		if err := json.Unmarshal(out, &devs); err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(devs, func(d struct {
+			BackendID string `json:"backend_id"`
+			TLS       string `json:"tls"`
+		}) bool {
+			return d.BackendID == "nbd-csi:"+vol
+		})
+		if i < 0 || devs[i].TLS != tlsMode {
+			t.Errorf("devices --state-dir: %s; want tls %q for the volume", out, tlsMode)
+		}
+	}
 
 	killed := time.Now()
 	atKill := w.records.Load()
