@@ -11,7 +11,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 
 	"github.com/nbd-csi/nbd-csi/pkg/attach"
@@ -211,7 +210,7 @@ func registerVolumeMetrics(m *metrics.Registry, att *attach.Attacher, reporter *
 // newEventRecorder returns a recorder of Kubernetes Events and a lookup of
 // PersistentVolumes, from --kubeconfig, $KUBECONFIG or the pod's service
 // account. Outside a cluster Events are off, with one log line.
-func newEventRecorder(ctx context.Context, kubeconfig, nodeID, driverName string) (record.EventRecorder, driver.PVLookup, func()) {
+func newEventRecorder(ctx context.Context, kubeconfig, nodeID, driverName string) (driver.EventRecorder, driver.PVLookup, func()) {
 	log := klog.FromContext(ctx)
 	sf := storeFlags{kubeconfig: kubeconfig}
 	cfg, err := sf.kubeConfig()
@@ -224,9 +223,10 @@ func newEventRecorder(ctx context.Context, kubeconfig, nodeID, driverName string
 		log.Error(err, "Kubernetes Events about volume connections are off")
 		return nil, nil, func() {}
 	}
-	b := record.NewBroadcaster(record.WithContext(ctx))
-	b.StartRecordingToSink(driver.KubeEventSink{Client: client, Ctx: ctx})
-	rec := b.NewRecorder(driver.NewEventScheme(), corev1.EventSource{Component: "nbd-csi-node", Host: nodeID})
+	rec := driver.NewKubeEventRecorder(ctx, client, corev1.EventSource{Component: "nbd-csi-node", Host: nodeID})
+	rec.OnError = func(e *corev1.Event, err error) {
+		log.Error(err, "Writing a Kubernetes Event failed", "reason", e.Reason, "object", klog.KRef(e.InvolvedObject.Namespace, e.InvolvedObject.Name))
+	}
 	log.Info("Kubernetes Events about volume connections go to the PersistentVolumes")
-	return rec, driver.NewKubePVLookup(client, driverName), b.Shutdown
+	return rec, driver.NewKubePVLookup(client, driverName), rec.Shutdown
 }

@@ -12,11 +12,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 )
 
@@ -96,7 +93,7 @@ type PVLookup interface {
 type SupervisionReporter struct {
 	log      klog.Logger
 	nodeID   string
-	recorder record.EventRecorder // nil: no Kubernetes Events
+	recorder EventRecorder // nil: no Kubernetes Events
 	pvs      PVLookup
 
 	queue chan SupervisionEvent
@@ -114,7 +111,7 @@ type volumeSupervision struct {
 
 // NewSupervisionReporter returns a reporter; recorder and pvs may be nil
 // (logs and metrics only).
-func NewSupervisionReporter(log klog.Logger, nodeID string, recorder record.EventRecorder, pvs PVLookup) *SupervisionReporter {
+func NewSupervisionReporter(log klog.Logger, nodeID string, recorder EventRecorder, pvs PVLookup) *SupervisionReporter {
 	return &SupervisionReporter{log: log, nodeID: nodeID, recorder: recorder, pvs: pvs,
 		queue: make(chan SupervisionEvent, 256), volumes: map[string]*volumeSupervision{}}
 }
@@ -334,71 +331,4 @@ func (l *KubePVLookup) PersistentVolume(ctx context.Context, volumeID string) (*
 		return ref, nil
 	}
 	return nil, nil
-}
-
-// NewEventScheme returns the scheme an event recorder needs (the core API
-// group only).
-func NewEventScheme() *runtime.Scheme {
-	s := runtime.NewScheme()
-	_ = corev1.AddToScheme(s)
-	return s
-}
-
-// KubeEventSink writes Events through the dynamic client: what client-go's
-// typed EventSinkImpl does (create, update, strategic-merge patch in the
-// Event's namespace).
-type KubeEventSink struct {
-	Client dynamic.Interface
-	// Ctx bounds the requests.
-	Ctx context.Context
-}
-
-var _ record.EventSink = KubeEventSink{}
-
-// Create implements record.EventSink.
-func (s KubeEventSink) Create(e *corev1.Event) (*corev1.Event, error) {
-	u, err := toUnstructured(e)
-	if err != nil {
-		return nil, err
-	}
-	out, err := s.Client.Resource(eventResource).Namespace(e.Namespace).Create(s.Ctx, u, metav1.CreateOptions{})
-	return fromUnstructured(out, err)
-}
-
-// Update implements record.EventSink.
-func (s KubeEventSink) Update(e *corev1.Event) (*corev1.Event, error) {
-	u, err := toUnstructured(e)
-	if err != nil {
-		return nil, err
-	}
-	out, err := s.Client.Resource(eventResource).Namespace(e.Namespace).Update(s.Ctx, u, metav1.UpdateOptions{})
-	return fromUnstructured(out, err)
-}
-
-// Patch implements record.EventSink.
-func (s KubeEventSink) Patch(e *corev1.Event, data []byte) (*corev1.Event, error) {
-	out, err := s.Client.Resource(eventResource).Namespace(e.Namespace).Patch(s.Ctx, e.Name, types.StrategicMergePatchType, data, metav1.PatchOptions{})
-	return fromUnstructured(out, err)
-}
-
-func toUnstructured(e *corev1.Event) (*unstructured.Unstructured, error) {
-	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(e)
-	if err != nil {
-		return nil, fmt.Errorf("encode event: %w", err)
-	}
-	u := &unstructured.Unstructured{Object: m}
-	u.SetAPIVersion("v1")
-	u.SetKind("Event")
-	return u, nil
-}
-
-func fromUnstructured(u *unstructured.Unstructured, err error) (*corev1.Event, error) {
-	if err != nil {
-		return nil, err
-	}
-	var e corev1.Event
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &e); err != nil {
-		return nil, fmt.Errorf("decode event: %w", err)
-	}
-	return &e, nil
 }

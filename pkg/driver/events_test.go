@@ -12,6 +12,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2/textlogger"
@@ -27,7 +28,11 @@ import (
 func TestSupervisionReporter(t *testing.T) {
 	var logs bytes.Buffer
 	log := textlogger.NewLogger(textlogger.NewConfig(textlogger.Output(&logs), textlogger.Verbosity(0)))
-	client := dynamicfake.NewSimpleDynamicClient(driver.NewEventScheme(),
+	scheme := runtime.NewScheme()
+	if err := corev1.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
+	client := dynamicfake.NewSimpleDynamicClient(scheme,
 		&corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: "pv-other", UID: "u0"},
 			Spec: corev1.PersistentVolumeSpec{PersistentVolumeSource: corev1.PersistentVolumeSource{
 				CSI: &corev1.CSIPersistentVolumeSource{Driver: "other.csi", VolumeHandle: "vol-1"}}}},
