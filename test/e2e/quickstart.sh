@@ -24,6 +24,9 @@ RUN=${E2E_CACHE:-$PWD/.cache/e2e}/run
 HOST_IP=10.99.0.1
 command -v kubectl >/dev/null || { echo "quickstart: kubectl is not installed (the README's quick start uses it)" >&2; exit 1; }
 helm=$(hack/helm.sh)
+# The block calls helm and kubectl by name.
+PATH=$(dirname "$helm"):$PATH
+export PATH KUBECONFIG
 log() { echo "[quickstart $(date +%T)] $*" >&2; }
 
 # The block, as written.
