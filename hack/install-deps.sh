@@ -10,7 +10,8 @@
 #           the servers, clients and file system tools copied into the guest
 #   demo    make demo: nbdkit and the VM rig (for hosts without nbd)
 #   test    make test: the VM rig, a C compiler for -race, openssl, etcd, GNU time
-#           (the Kubernetes store's tests), git and make
+#           (the Kubernetes store's tests), strace (which bytes blkid reads:
+#           pkg/driver's blank-device tests), git and make
 #   e2e-vm  make e2e E2E_PROVIDER=vm: the VM rig plus debootstrap, etcd,
 #           socat, iproute2, python3, curl, xz (test/e2e/vm/cluster.sh),
 #           dnsmasq (the cluster DNS of test/e2e/quickstart.sh)
@@ -32,7 +33,7 @@ packages() {
 		;;
 	test)
 		packages vm
-		echo gcc libc6-dev openssl ca-certificates git make etcd-server time
+		echo gcc libc6-dev openssl ca-certificates git make etcd-server time strace
 		;;
 	e2e-vm)
 		packages vm

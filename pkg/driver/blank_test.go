@@ -71,6 +71,9 @@ func needTool(t *testing.T, name string) string {
 	t.Helper()
 	p, err := exec.LookPath(name)
 	if err != nil {
+		if os.Getenv("NBDCSI_REQUIRE_SERVERS") == "1" {
+			t.Fatalf("%s is not installed (hack/install-deps.sh test): %v", name, err)
+		}
 		t.Skipf("%s is not installed: %v", name, err)
 	}
 	return p
