@@ -50,3 +50,29 @@ func TestPrepareTLS13IgnoresCCS(t *testing.T) {
 	}
 	readRaw(t, st, s.raw, st.rxSeq)
 }
+
+// TestKeyLogWipeLeavesNoCopy: wipe must clear every copy of the secrets
+// the key log made. Write appends, and append reallocates as the log
+// grows (a TLS 1.3 client logs four lines), abandoning the old backing
+// array with the earlier secrets in it, uncleared, until the garbage
+// collector reuses the memory (a core dump or a memory disclosure then
+// shows them).
+func TestKeyLogWipeLeavesNoCopy(t *testing.T) {
+	var k keyLog
+	line := []byte("CLIENT_HANDSHAKE_TRAFFIC_SECRET 0101 5ec2e75ec2e75ec2e7\n")
+	if _, err := k.Write(line); err != nil {
+		t.Fatal(err)
+	}
+	first := k.buf[:len(k.buf):len(k.buf)] // the array holding the first secret
+	for i := 0; i < 3; i++ {
+		if _, err := k.Write(line); err != nil {
+			t.Fatal(err)
+		}
+	}
+	k.wipe()
+	for _, b := range first {
+		if b != 0 {
+			t.Fatalf("after wipe an abandoned copy of the key log still holds %q", first)
+		}
+	}
+}
