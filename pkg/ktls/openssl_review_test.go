@@ -114,3 +114,81 @@ func reverse(s string) string {
 	}
 	return string(r)
 }
+
+// TestPrepareRefusesAfterKeyUpdate: a TLS 1.3 server that updates its keys
+// (openssl s_server's "K" command: KeyUpdate with update_requested, so
+// crypto/tls answers with its own KeyUpdate) before its last reply leaves
+// both directions on keys the key log never saw. The offload must be
+// refused, not installed with TRAFFIC_SECRET_0 (the kernel would then fail
+// every record and the connection would reset in a loop).
+func TestPrepareRefusesAfterKeyUpdate(t *testing.T) {
+	bin, err := exec.LookPath("openssl")
+	if err != nil {
+		t.Fatalf("openssl binary needed: %v", err)
+	}
+	dir := t.TempDir()
+	key, crt := filepath.Join(dir, "k.pem"), filepath.Join(dir, "c.pem")
+	if out, err := exec.Command(bin, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+		"-keyout", key, "-out", crt, "-subj", "/CN=server", "-days", "1").CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	cmd := exec.Command(bin, "s_server", "-naccept", "1", "-tls1_3", "-accept", "127.0.0.1:"+itoa(port), "-key", key, "-cert", crt)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	var raw net.Conn
+	for i := 0; i < 100; i++ {
+		if raw, err = net.Dial("tcp", "127.0.0.1:"+itoa(port)); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	rec := NewRecorder(raw)
+	c := tls.Client(rec, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13, KeyLogWriter: rec.KeyLog()})
+	if err := c.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.HandshakeDone(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(c, "option\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // s_server handles the client's data first
+	if _, err := io.WriteString(stdin, "K\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if _, err := io.WriteString(stdin, "reply\n"); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 6)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "reply\n" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	// Proof that the KeyUpdate happened: crypto/tls answered it with its
+	// own KeyUpdate, a second record after the option.
+	if n := rec.wr.records - rec.markWritten; n != 2 {
+		t.Fatalf("client wrote %d records after the handshake, want 2 (option, KeyUpdate)", n)
+	}
+	_, err = rec.prepare(c)
+	if err == nil {
+		t.Fatal("prepare accepted a session whose keys were updated")
+	}
+	t.Logf("refused: %v", err)
+}
