@@ -23,7 +23,6 @@ import (
 
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
-	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
@@ -278,8 +277,9 @@ func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.
 			return fmt.Errorf("%w: %s=%s: %w", nbd.ErrPlatform, driver.KeyTLS, driver.TLSKernel, err)
 		}
 		n.fallback = err.Error()
-		if errors.Is(err, ktls.ErrBroken) {
-			// The session cannot go on; a fresh one goes to the relay.
+		if c.InKernel() {
+			// The session is (partly) the kernel's and never this
+			// process's again; a fresh one goes to the relay.
 			was := c.Export()
 			c.Close()
 			if c, err = nbd.Dial(ctx, spec.URI, tlsOpts(spec)...); err != nil {
@@ -297,9 +297,14 @@ func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.
 		}
 	}
 	// The kernel gets a socket pair, and this process encrypts.
-	r, err := newRelay(c.Stream())
+	st, err := c.Stream()
 	if err != nil {
-		c.Stream().Close()
+		c.Close()
+		return err
+	}
+	r, err := newRelay(st)
+	if err != nil {
+		st.Close()
 		return err
 	}
 	n.relays = append(n.relays, r)
