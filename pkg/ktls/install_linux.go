@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -66,7 +67,7 @@ func install(raw syscall.RawConn, st *state) error {
 			}
 			return
 		}
-		if e := unix.SetsockoptString(s, solTLS, tlsTX, string(tx)); e != nil {
+		if e := setsockoptBytes(s, solTLS, tlsTX, tx); e != nil {
 			// Without TX the ULP passes data through unchanged.
 			err = fmt.Errorf("%w: setsockopt TLS_TX (%s): %w", ErrUnavailable, st.suite.name, e)
 			if errors.Is(e, unix.ENOENT) {
@@ -74,7 +75,7 @@ func install(raw syscall.RawConn, st *state) error {
 			}
 			return
 		}
-		if e := unix.SetsockoptString(s, solTLS, tlsRX, string(rx)); e != nil {
+		if e := setsockoptBytes(s, solTLS, tlsRX, rx); e != nil {
 			err = fmt.Errorf("%w: setsockopt TLS_RX (TX is already installed): %w", ErrBroken, e)
 		}
 	})
@@ -82,6 +83,20 @@ func install(raw syscall.RawConn, st *state) error {
 		return fmt.Errorf("%w: %w", ErrUnsupported, cerr)
 	}
 	return err
+}
+
+// setsockoptBytes sets a socket option from b itself: converting the key
+// material to a string (unix.SetsockoptString) would copy it into memory
+// nobody can clear.
+func setsockoptBytes(fd, level, opt int, b []byte) error {
+	if len(b) == 0 {
+		return unix.EINVAL
+	}
+	_, _, e := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), 0)
+	if e != 0 {
+		return e
+	}
+	return nil
 }
 
 // aeadName is the kernel crypto API name of st's AEAD.

@@ -6,7 +6,10 @@ import (
 	"bytes"
 	"crypto/tls"
 	"encoding/binary"
+	"errors"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestCryptoInfoLayout pins the encoding to linux/tls.h:
@@ -57,5 +60,26 @@ func TestCryptoInfoLayout(t *testing.T) {
 				t.Errorf("rec_seq % x", b[16+su.keyLen:])
 			}
 		})
+	}
+}
+
+// TestSetsockoptBytes: the setsockopt that takes the key material from
+// its own (clearable) bytes passes them to the kernel intact; checked
+// with a byte-valued option every kernel has (TCP_CONGESTION "reno").
+func TestSetsockoptBytes(t *testing.T) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := setsockoptBytes(fd, unix.SOL_TCP, unix.TCP_CONGESTION, []byte("reno")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := unix.GetsockoptString(fd, unix.SOL_TCP, unix.TCP_CONGESTION)
+	if err != nil || got != "reno" {
+		t.Fatalf("TCP_CONGESTION = %q, %v; want reno", got, err)
+	}
+	if err := setsockoptBytes(fd, unix.SOL_TCP, unix.TCP_CONGESTION, []byte("no-such-algorithm")); !errors.Is(err, unix.ENOENT) {
+		t.Errorf("unknown algorithm: %v, want ENOENT", err)
 	}
 }
