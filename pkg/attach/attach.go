@@ -165,12 +165,53 @@ func backendID(prefix, volumeID string) string {
 // negotiated is the result of dialling an export for the kernel.
 type negotiated struct {
 	files  []*os.File
-	relays []*relay // relays[i] serves files[i] (TLS), or nil
+	relays []*relay  // relays[i] serves files[i] (TLS), or nil
+	tls    []connTLS // tls[i] is how files[i] is encrypted
 	info   nbd.ExportInfo
-	// tls is how a TLS export's connections are encrypted:
-	// driver.TLSKernel or driver.TLSRelay; empty for plaintext.
+}
+
+// connTLS is how one connection handed to the kernel is encrypted.
+type connTLS struct {
+	// mode is driver.TLSKernel or driver.TLSRelay; empty for plaintext.
+	mode string
 	// fallback says why kernel TLS was not used (TLSAuto only).
-	tls, fallback string
+	fallback string
+}
+
+// summarizeTLS is a volume's TLS mode from its connections': TLSKernel or
+// TLSRelay when they all agree, TLSMixed when only some go through the
+// relay (so that no relayed connection hides behind another's mode), and
+// why the relay is used.
+func summarizeTLS(conns []connTLS) (mode, reason string) {
+	var kernel, relay int
+	for _, c := range conns {
+		switch c.mode {
+		case driver.TLSKernel:
+			kernel++
+		case driver.TLSRelay:
+			relay++
+			if reason == "" {
+				reason = c.fallback
+			}
+		}
+	}
+	switch {
+	case relay == 0 && kernel == 0:
+		return "", ""
+	case relay == 0:
+		return driver.TLSKernel, ""
+	case kernel == 0:
+		return driver.TLSRelay, reason
+	}
+	return driver.TLSMixed, fmt.Sprintf("%d of %d connections go through the relay: %s", relay, relay+kernel, reason)
+}
+
+// tlsOf returns how connection i is encrypted.
+func (n *negotiated) tlsOf(i int) connTLS {
+	if i >= len(n.tls) {
+		return connTLS{}
+	}
+	return n.tls[i]
 }
 
 // takeRelay hands relay i to the caller (closeAll no longer closes it).
@@ -241,6 +282,7 @@ func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, 
 		}
 		n.files = append(n.files, f)
 		n.relays = append(n.relays, nil)
+		n.tls = append(n.tls, connTLS{})
 	}
 	ok = true
 	return n, nil
@@ -263,20 +305,21 @@ func kernelTLSMode(spec driver.AttachSpec) string {
 // redialled.
 func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.Conn) error {
 	mode := kernelTLSMode(spec)
+	fallback := ""
 	if mode != driver.TLSRelay {
-		f, _, err := c.KernelTLS()
+		f, err := kernelTLS(c)
 		if err == nil {
 			c.Close()
 			n.files = append(n.files, f)
 			n.relays = append(n.relays, nil)
-			n.tls = driver.TLSKernel
+			n.tls = append(n.tls, connTLS{mode: driver.TLSKernel})
 			return nil
 		}
 		if mode == driver.TLSKernel {
 			c.Close()
 			return fmt.Errorf("%w: %s=%s: %w", nbd.ErrPlatform, driver.KeyTLS, driver.TLSKernel, err)
 		}
-		n.fallback = err.Error()
+		fallback = err.Error()
 		if c.InKernel() {
 			// The session is (partly) the kernel's and never this
 			// process's again; a fresh one goes to the relay.
@@ -309,8 +352,14 @@ func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.
 	}
 	n.relays = append(n.relays, r)
 	n.files = append(n.files, r.kernel)
-	n.tls = driver.TLSRelay
+	n.tls = append(n.tls, connTLS{mode: driver.TLSRelay, fallback: fallback})
 	return nil
+}
+
+// kernelTLS is Conn.KernelTLS (a seam for tests).
+var kernelTLS = func(c *nbd.Conn) (*os.File, error) {
+	f, _, err := c.KernelTLS()
+	return f, err
 }
 
 // blockSize picks the device block size: the override, else the server's
@@ -385,7 +434,7 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	// CONNECT takes every socket it is given.
 	conns := make([]*kconn, len(ids))
 	for i, id := range ids {
-		conns[i] = &kconn{id: id, relay: n.takeRelay(i)}
+		conns[i] = &kconn{id: id, relay: n.takeRelay(i), tls: n.tlsOf(i)}
 		if handles != nil {
 			conns[i].handle = handles[i]
 		}
@@ -395,7 +444,7 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	// online resize is refused).
 	w := a.newWatch(spec, d, conns, len(ids) > 0 && a.diag(ids[0]))
 	w.size, w.flags, w.flagsKnown = d.SizeBytes, uint16(n.info.Flags), true
-	w.tls, w.tlsFallback = n.tls, n.fallback
+	w.tls, w.tlsFallback = summarizeTLS(n.tls)
 	a.start(w)
 	w.reportRelay(n)
 	return a.attachment(spec.VolumeID, *d), nil

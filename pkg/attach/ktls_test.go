@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -20,6 +21,7 @@ import (
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
+	"golang.org/x/sys/unix"
 )
 
 // TestAttachTLSModesWithoutKernelTLS runs where the kernel has no TLS
@@ -218,5 +220,83 @@ func TestAttachTLSUndrainedFallsBackOnFreshSession(t *testing.T) {
 	}
 	if err := pl.a.Detach(context.Background(), "vol"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestAttachTLSMixedReportsRelay: a multi-connection tls=auto volume of
+// which one connection went to the relay and the other to kernel TLS must
+// say so (Attachment, the record for `nbd-csi devices`, the Event), even
+// when the relayed one is not the last. Before, the volume reported the
+// last connection's mode only, so a relayed connection (which stalls when
+// the plugin restarts) hid behind "kernel". The offload is a seam here
+// (the host has no tls module): the first refuses as the real one does
+// without the module (ErrUnavailable, session intact, so the relay takes
+// it), the second "succeeds" with a socket the test keeps quiet; nbdkit
+// and the relay are real.
+func TestAttachTLSMixedReportsRelay(t *testing.T) {
+	certs := servers.GenerateCerts(t)
+	srv := servers.Nbdkit(t, servers.TCP, "--tls=require", "--tls-certificates="+certs.Dir, "memory", "size=1M")
+	var calls atomic.Int32
+	old := kernelTLS
+	t.Cleanup(func() { kernelTLS = old })
+	kernelTLS = func(c *nbd.Conn) (*os.File, error) {
+		if calls.Add(1) == 1 {
+			return nil, fmt.Errorf("%w: setsockopt TCP_ULP tls: no such file or directory (no tls module)", ktls.ErrUnavailable)
+		}
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return nil, err
+		}
+		peer := os.NewFile(uintptr(fds[1]), "quiet-peer")
+		t.Cleanup(func() { peer.Close() })
+		return os.NewFile(uintptr(fds[0]), "fake-ktls"), nil
+	}
+	k := newFakeKernel(t)
+	p := newPlugin(t, k)
+	sp := spec(t, srv.TLSURI(""), 2)
+	sp.TLS = &nbd.TLSOptions{CAFile: certs.CAFile}
+	ctx := context.Background()
+	if _, err := p.a.Attach(ctx, sp); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := p.a.Detach(ctx, "vol"); err != nil {
+			t.Error(err)
+		}
+	}()
+	if n := calls.Load(); n != 2 {
+		t.Fatalf("%d offloads tried, want 2 (a multi-conn export, two connections)", n)
+	}
+	got, err := p.a.Lookup(ctx, "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.TLS != "mixed" || !strings.Contains(got.TLSFallback, "1 of 2") || !strings.Contains(got.TLSFallback, "no tls module") {
+		t.Errorf("Attachment TLS %q fallback %q; want mixed, 1 of 2 connections through the relay and why", got.TLS, got.TLSFallback)
+	}
+	if mode, reason, err := ReadTLSMode(p.secrets, "vol"); err != nil || mode != "mixed" || !strings.Contains(reason, "no tls module") {
+		t.Errorf("recorded mode %q reason %q (%v); want mixed and why", mode, reason, err)
+	}
+	if ev := p.events(); !slices.Contains(ev, "tls-relay-fallback") {
+		t.Errorf("events %v; want a tls-relay-fallback event", ev)
+	}
+}
+
+func TestSummarizeTLS(t *testing.T) {
+	k, r := connTLS{mode: driver.TLSKernel}, connTLS{mode: driver.TLSRelay, fallback: "why"}
+	for _, tc := range []struct {
+		conns        []connTLS
+		mode, reason string
+	}{
+		{nil, "", ""},
+		{[]connTLS{{}, {}}, "", ""},
+		{[]connTLS{k, k}, driver.TLSKernel, ""},
+		{[]connTLS{r, r}, driver.TLSRelay, "why"},
+		{[]connTLS{{mode: driver.TLSRelay}}, driver.TLSRelay, ""}, // tls=relay: no fallback
+		{[]connTLS{k, r, k}, driver.TLSMixed, "1 of 3 connections go through the relay: why"},
+	} {
+		if m, why := summarizeTLS(tc.conns); m != tc.mode || why != tc.reason {
+			t.Errorf("summarizeTLS(%v) = %q, %q; want %q, %q", tc.conns, m, why, tc.mode, tc.reason)
+		}
 	}
 }
