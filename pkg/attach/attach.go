@@ -23,6 +23,7 @@ import (
 
 	"github.com/nbd-csi/nbd-csi/pkg/device"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
+	"github.com/nbd-csi/nbd-csi/pkg/ktls"
 	"github.com/nbd-csi/nbd-csi/pkg/nbd"
 )
 
@@ -168,6 +169,9 @@ type negotiated struct {
 	relays []*relay  // relays[i] serves files[i] (TLS), or nil
 	tls    []connTLS // tls[i] is how files[i] is encrypted
 	info   nbd.ExportInfo
+	// noKernelTLS says why kernel TLS was not even tried (TLSAuto on a
+	// kernel without the tls ULP); the sessions were dialled for the relay.
+	noKernelTLS error
 }
 
 // connTLS is how one connection handed to the kernel is encrypted.
@@ -243,10 +247,18 @@ func (n *negotiated) closeAll() {
 // profile and returns a socket per connection.
 func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, error) {
 	opts := tlsOpts(spec)
-	if kernelTLSMode(spec) != driver.TLSRelay {
-		opts = append(opts, nbd.WithKernelTLS(false))
-	}
 	n := &negotiated{}
+	switch kernelTLSMode(spec) {
+	case driver.TLSKernel:
+		opts = append(opts, nbd.WithKernelTLS(false))
+	case driver.TLSAuto:
+		// Where the kernel has no tls ULP the session goes to the relay
+		// anyway: no reason to prefer TLS 1.2 (which shows the client
+		// certificate in clear) or to record it.
+		if n.noKernelTLS = kernelTLSAvailable(); n.noKernelTLS == nil {
+			opts = append(opts, nbd.WithKernelTLS(false))
+		}
+	}
 	ok := false
 	defer func() {
 		if !ok {
@@ -306,7 +318,9 @@ func kernelTLSMode(spec driver.AttachSpec) string {
 func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.Conn) error {
 	mode := kernelTLSMode(spec)
 	fallback := ""
-	if mode != driver.TLSRelay {
+	if n.noKernelTLS != nil {
+		fallback = n.noKernelTLS.Error()
+	} else if mode != driver.TLSRelay {
 		f, err := kernelTLS(c)
 		if err == nil {
 			c.Close()
@@ -355,6 +369,9 @@ func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.
 	n.tls = append(n.tls, connTLS{mode: driver.TLSRelay, fallback: fallback})
 	return nil
 }
+
+// kernelTLSAvailable is ktls.Available (a seam for tests).
+var kernelTLSAvailable = ktls.Available
 
 // kernelTLS is Conn.KernelTLS (a seam for tests).
 var kernelTLS = func(c *nbd.Conn) (*os.File, error) {

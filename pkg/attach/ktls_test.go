@@ -202,6 +202,7 @@ func TestAttachTLSUndrainedFallsBackOnFreshSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	kernelTLSOffered(t) // the offload must be tried to find the junk
 	backend := servers.Nbdkit(t, servers.Unix, "memory", "size=1M")
 	p := newJunkProxy(t, backend.Address(), &tls.Config{Certificates: []tls.Certificate{cert}})
 	k := newFakeKernel(t)
@@ -236,6 +237,7 @@ func TestAttachTLSUndrainedFallsBackOnFreshSession(t *testing.T) {
 func TestAttachTLSMixedReportsRelay(t *testing.T) {
 	certs := servers.GenerateCerts(t)
 	srv := servers.Nbdkit(t, servers.TCP, "--tls=require", "--tls-certificates="+certs.Dir, "memory", "size=1M")
+	kernelTLSOffered(t)
 	var calls atomic.Int32
 	old := kernelTLS
 	t.Cleanup(func() { kernelTLS = old })
@@ -298,5 +300,64 @@ func TestSummarizeTLS(t *testing.T) {
 		if m, why := summarizeTLS(tc.conns); m != tc.mode || why != tc.reason {
 			t.Errorf("summarizeTLS(%v) = %q, %q; want %q, %q", tc.conns, m, why, tc.mode, tc.reason)
 		}
+	}
+}
+
+// kernelTLSOffered makes the tls ULP probe say yes for the test t, so that
+// the offload is tried (and refused by the kernel, or a seam) on a host
+// without the module.
+func kernelTLSOffered(t *testing.T) {
+	old := kernelTLSAvailable
+	t.Cleanup(func() { kernelTLSAvailable = old })
+	kernelTLSAvailable = func() error { return nil }
+}
+
+// TestAttachTLSAutoWithoutULPPrefersTLS13: with tls=auto on a kernel
+// without the tls ULP the volume uses the relay anyway, so its sessions
+// must not be dialled for kernel TLS: no TLS 1.2 preference (a TLS 1.2
+// handshake shows the client certificate in clear), no recording. The
+// relayed session is TLS 1.3, and the fallback says why. Before, every
+// session started at TLS 1.2. The probe is the real one on this host (no
+// tls module) unless the module is there, then a seam says no.
+func TestAttachTLSAutoWithoutULPPrefersTLS13(t *testing.T) {
+	if ktls.Available() == nil {
+		old := kernelTLSAvailable
+		t.Cleanup(func() { kernelTLSAvailable = old })
+		kernelTLSAvailable = func() error { return fmt.Errorf("%w: test: no tls ULP", ktls.ErrUnavailable) }
+	}
+	certs := servers.GenerateCerts(t)
+	srv := servers.Nbdkit(t, servers.TCP, "--tls=require", "--tls-certificates="+certs.Dir, "--tls-verify-peer", "memory", "size=1M")
+	k := newFakeKernel(t)
+	p := newPlugin(t, k)
+	sp := spec(t, srv.TLSURI(""), 1)
+	sp.TLS = &nbd.TLSOptions{CAFile: certs.CAFile, CertFile: certs.ClientCertFile, KeyFile: certs.ClientKeyFile}
+	ctx := context.Background()
+	if _, err := p.a.Attach(ctx, sp); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := p.a.Detach(ctx, "vol"); err != nil {
+			t.Error(err)
+		}
+	}()
+	got, err := p.a.Lookup(ctx, "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.TLS != driver.TLSRelay || !strings.Contains(got.TLSFallback, ktls.ErrUnavailable.Error()) {
+		t.Errorf("TLS %q fallback %q; want the relay, because kernel TLS is unavailable", got.TLS, got.TLSFallback)
+	}
+	w := p.a.watchOf("vol")
+	w.mu.Lock()
+	var tc *tls.Conn
+	if len(w.conns) == 1 && w.conns[0].relay != nil {
+		tc, _ = w.conns[0].relay.remote.(*tls.Conn)
+	}
+	w.mu.Unlock()
+	if tc == nil {
+		t.Fatal("no relayed TLS session recorded")
+	}
+	if v := tc.ConnectionState().Version; v != tls.VersionTLS13 {
+		t.Errorf("relayed session is %s, want TLS 1.3 (kernel TLS is unavailable: no reason for TLS 1.2)", tls.VersionName(v))
 	}
 }

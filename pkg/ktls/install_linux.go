@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"syscall"
 	"unsafe"
 
@@ -83,6 +84,38 @@ func install(raw syscall.RawConn, st *state) error {
 		return fmt.Errorf("%w: %w", ErrUnsupported, cerr)
 	}
 	return err
+}
+
+// Available reports whether the kernel offers the tls ULP, nil if so, else
+// an error wrapping ErrUnavailable. It asks once per process: setsockopt
+// TCP_ULP "tls" on a fresh, unconnected TCP socket looks the ULP up (and
+// loads the tls module on demand where the process may), then fails with
+// ENOTCONN in the module's init (or succeeds on kernels that allow it
+// before connect); ENOENT means no tls ULP. (/proc/sys/net/ipv4/
+// tcp_available_ulp lists only loaded ULPs, so it cannot tell a module
+// that would load on demand.) A session for a kernel that cannot take it
+// need not prefer TLS 1.2 (docs/tls.md).
+func Available() error { return available() }
+
+var available = sync.OnceValue(probeULP)
+
+func probeULP() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		fd, err = unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: probe socket: %w", ErrUnavailable, err)
+	}
+	defer unix.Close(fd)
+	switch err := unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP, "tls"); {
+	case err == nil, errors.Is(err, unix.ENOTCONN):
+		return nil
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("%w: the kernel has no tls ULP (no tls module)", ErrUnavailable)
+	default:
+		return fmt.Errorf("%w: probing the tls ULP: %w", ErrUnavailable, err)
+	}
 }
 
 // setsockoptBytes sets a socket option from b itself: converting the key

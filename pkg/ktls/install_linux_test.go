@@ -7,6 +7,9 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"os"
+	"slices"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -81,5 +84,29 @@ func TestSetsockoptBytes(t *testing.T) {
 	}
 	if err := setsockoptBytes(fd, unix.SOL_TCP, unix.TCP_CONGESTION, []byte("no-such-algorithm")); !errors.Is(err, unix.ENOENT) {
 		t.Errorf("unknown algorithm: %v, want ENOENT", err)
+	}
+}
+
+// TestAvailableMatchesKernel: the probe agrees with the kernel's list of
+// loaded ULPs after it ran (a probe that found the ULP has it loaded), and
+// an absent ULP is ErrUnavailable. On this repository's hosts (no tls
+// module) that is the ErrUnavailable branch; the VM tests take the other.
+func TestAvailableMatchesKernel(t *testing.T) {
+	err := probeULP()
+	b, rerr := os.ReadFile("/proc/sys/net/ipv4/tcp_available_ulp")
+	if rerr != nil {
+		t.Fatalf("reading the kernel's ULP list: %v", rerr)
+	}
+	loaded := slices.Contains(strings.Fields(string(b)), "tls")
+	switch {
+	case err == nil && !loaded:
+		t.Errorf("probe found the tls ULP, the kernel lists %q", b)
+	case err != nil && loaded:
+		t.Errorf("probe = %v, but the kernel lists tls in %q", err, b)
+	case err != nil && !errors.Is(err, ErrUnavailable):
+		t.Errorf("probe = %v, want ErrUnavailable", err)
+	}
+	if got := Available(); (got == nil) != (err == nil) {
+		t.Errorf("Available() = %v, probe = %v", got, err)
 	}
 }
