@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nbd-csi/nbd-csi/internal/servers"
 )
 
 // TestPrepareAgainstOpenSSL derives and proves the kernel state against an
@@ -20,10 +22,7 @@ import (
 // server tests cannot select: TLS 1.3 AES-256-GCM-SHA384, which GnuTLS
 // servers prefer. Needs the openssl binary (installed in the dev image).
 func TestPrepareAgainstOpenSSL(t *testing.T) {
-	bin, err := exec.LookPath("openssl")
-	if err != nil {
-		t.Fatalf("openssl binary needed: %v", err)
-	}
+	bin := servers.LookPath(t, "openssl")
 	dir := t.TempDir()
 	key, crt := filepath.Join(dir, "k.pem"), filepath.Join(dir, "c.pem")
 	if out, err := exec.Command(bin, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
@@ -122,10 +121,7 @@ func reverse(s string) string {
 // refused, not installed with TRAFFIC_SECRET_0 (the kernel would then fail
 // every record and the connection would reset in a loop).
 func TestPrepareRefusesAfterKeyUpdate(t *testing.T) {
-	bin, err := exec.LookPath("openssl")
-	if err != nil {
-		t.Fatalf("openssl binary needed: %v", err)
-	}
+	bin := servers.LookPath(t, "openssl")
 	dir := t.TempDir()
 	key, crt := filepath.Join(dir, "k.pem"), filepath.Join(dir, "c.pem")
 	if out, err := exec.Command(bin, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
