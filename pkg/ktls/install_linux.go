@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"sync"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -87,17 +88,40 @@ func install(raw syscall.RawConn, st *state) error {
 }
 
 // Available reports whether the kernel offers the tls ULP, nil if so, else
-// an error wrapping ErrUnavailable. It asks once per process: setsockopt
-// TCP_ULP "tls" on a fresh, unconnected TCP socket looks the ULP up (and
-// loads the tls module on demand where the process may), then fails with
-// ENOTCONN in the module's init (or succeeds on kernels that allow it
-// before connect); ENOENT means no tls ULP. (/proc/sys/net/ipv4/
-// tcp_available_ulp lists only loaded ULPs, so it cannot tell a module
-// that would load on demand.) A session for a kernel that cannot take it
-// need not prefer TLS 1.2 (docs/tls.md).
-func Available() error { return available() }
+// an error wrapping ErrUnavailable: setsockopt TCP_ULP "tls" on a fresh,
+// unconnected TCP socket looks the ULP up (and loads the tls module on
+// demand where the process may), then fails with ENOTCONN in the module's
+// init (or succeeds on kernels that allow it before connect); ENOENT means
+// no tls ULP. (/proc/sys/net/ipv4/tcp_available_ulp lists only loaded
+// ULPs, so it cannot tell a module that would load on demand.) A yes is
+// kept for the process (a module unloaded later makes the offload itself
+// fail, as before); a no for a minute (each probe may make the kernel run
+// modprobe), so a module installed later is found without a restart. A
+// session for a kernel that cannot take it need not prefer TLS 1.2
+// (docs/tls.md).
+func Available() error {
+	ulp.mu.Lock()
+	defer ulp.mu.Unlock()
+	if ulp.found {
+		return nil
+	}
+	if ulp.err != nil && time.Since(ulp.at) < ulpRetry {
+		return ulp.err
+	}
+	ulp.err, ulp.at = probeULP(), time.Now()
+	ulp.found = ulp.err == nil
+	return ulp.err
+}
 
-var available = sync.OnceValue(probeULP)
+// ulpRetry is how long Available keeps a no.
+const ulpRetry = time.Minute
+
+var ulp struct {
+	mu    sync.Mutex
+	found bool
+	err   error
+	at    time.Time
+}
 
 func probeULP() error {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
