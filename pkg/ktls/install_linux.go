@@ -91,7 +91,7 @@ func install(raw syscall.RawConn, st *state) error {
 // an error wrapping ErrUnavailable: setsockopt TCP_ULP "tls" on a fresh,
 // unconnected TCP socket looks the ULP up (and loads the tls module on
 // demand where the process may), then fails with ENOTCONN in the module's
-// init (or succeeds on kernels that allow it before connect); ENOENT means
+// init (or another error, or success, on other kernels); only ENOENT means
 // no tls ULP. (/proc/sys/net/ipv4/tcp_available_ulp lists only loaded
 // ULPs, so it cannot tell a module that would load on demand.) A yes is
 // kept for the process (a module unloaded later makes the offload itself
@@ -132,14 +132,14 @@ func probeULP() error {
 		return fmt.Errorf("%w: probe socket: %w", ErrUnavailable, err)
 	}
 	defer unix.Close(fd)
-	switch err := unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP, "tls"); {
-	case err == nil, errors.Is(err, unix.ENOTCONN):
-		return nil
-	case errors.Is(err, unix.ENOENT):
+	// ENOENT is the one answer of a lookup that found nothing; any other
+	// (ENOTCONN, or ENOTSUPP/EINVAL from older modules' init) means the
+	// ULP is there and refused this unconnected socket: the offload
+	// itself then decides.
+	if err := unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP, "tls"); errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("%w: the kernel has no tls ULP (no tls module)", ErrUnavailable)
-	default:
-		return fmt.Errorf("%w: probing the tls ULP: %w", ErrUnavailable, err)
 	}
+	return nil
 }
 
 // setsockoptBytes sets a socket option from b itself: converting the key
