@@ -112,7 +112,7 @@ func runAttach(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	fmt.Fprintln(stdout, att.Device)
-	relay := att.TLS == driver.TLSRelay
+	relay := att.TLS == driver.TLSRelay || att.TLS == driver.TLSMixed
 	if !df.ioctl && !relay {
 		return nil
 	}
@@ -168,8 +168,9 @@ type DeviceOutput struct {
 	PID       int    `json:"pid"`
 	ReadOnly  bool   `json:"read_only"`
 	// TLS and TLSFallback: with --state-dir, how the node plugin last
-	// handed a TLS volume's connections to the kernel ("kernel" or
-	// "relay") and why not kernel TLS.
+	// handed a TLS volume's connections to the kernel ("kernel",
+	// "relay", or "mixed" when only some went through the relay) and why
+	// not kernel TLS.
 	TLS         string `json:"tls,omitempty"`
 	TLSFallback string `json:"tls_fallback,omitempty"`
 }

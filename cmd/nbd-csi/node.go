@@ -106,9 +106,9 @@ func newNodeService(ctx context.Context, opts driver.NodeOptions, af attachFlags
 			healthy, degraded := att.Health()
 			return map[string]float64{"healthy": float64(healthy), "degraded": float64(degraded)}, nil
 		})
-	m.Gauges("node_tls_volumes", "TLS volumes attached on this node, by how their connections are encrypted: kernel (kernel TLS, no process in the data path) or relay (the plugin's relay, the fallback where the kernel cannot; docs/tls.md).", "mode",
+	m.Gauges("node_tls_volumes", "TLS volumes attached on this node, by how their connections are encrypted: kernel (kernel TLS, no process in the data path), relay (the plugin's relay, the fallback where the kernel cannot; docs/tls.md) or mixed (some connections of the volume through the relay).", "mode",
 		func(ctx context.Context) (map[string]float64, error) {
-			out := map[string]float64{driver.TLSKernel: 0, driver.TLSRelay: 0}
+			out := map[string]float64{driver.TLSKernel: 0, driver.TLSRelay: 0, driver.TLSMixed: 0}
 			if att.Ready(ctx) != nil {
 				return out, nil
 			}

@@ -167,12 +167,56 @@ func backendID(prefix, volumeID string) string {
 // negotiated is the result of dialling an export for the kernel.
 type negotiated struct {
 	files  []*os.File
-	relays []*relay // relays[i] serves files[i] (TLS), or nil
+	relays []*relay  // relays[i] serves files[i] (TLS), or nil
+	tls    []connTLS // tls[i] is how files[i] is encrypted
 	info   nbd.ExportInfo
-	// tls is how a TLS export's connections are encrypted:
-	// driver.TLSKernel or driver.TLSRelay; empty for plaintext.
+	// noKernelTLS says why kernel TLS was not even tried (TLSAuto on a
+	// kernel without the tls ULP); the sessions were dialled for the relay.
+	noKernelTLS error
+}
+
+// connTLS is how one connection handed to the kernel is encrypted.
+type connTLS struct {
+	// mode is driver.TLSKernel or driver.TLSRelay; empty for plaintext.
+	mode string
 	// fallback says why kernel TLS was not used (TLSAuto only).
-	tls, fallback string
+	fallback string
+}
+
+// summarizeTLS is a volume's TLS mode from its connections': TLSKernel or
+// TLSRelay when they all agree, TLSMixed when only some go through the
+// relay (so that no relayed connection hides behind another's mode), and
+// why the relay is used.
+func summarizeTLS(conns []connTLS) (mode, reason string) {
+	var kernel, relay int
+	for _, c := range conns {
+		switch c.mode {
+		case driver.TLSKernel:
+			kernel++
+		case driver.TLSRelay:
+			relay++
+			if reason == "" {
+				reason = c.fallback
+			}
+		}
+	}
+	switch {
+	case relay == 0 && kernel == 0:
+		return "", ""
+	case relay == 0:
+		return driver.TLSKernel, ""
+	case kernel == 0:
+		return driver.TLSRelay, reason
+	}
+	return driver.TLSMixed, fmt.Sprintf("%d of %d connections go through the relay: %s", relay, relay+kernel, reason)
+}
+
+// tlsOf returns how connection i is encrypted.
+func (n *negotiated) tlsOf(i int) connTLS {
+	if i >= len(n.tls) {
+		return connTLS{}
+	}
+	return n.tls[i]
 }
 
 // takeRelay hands relay i to the caller (closeAll no longer closes it).
@@ -204,10 +248,18 @@ func (n *negotiated) closeAll() {
 // profile and returns a socket per connection.
 func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, error) {
 	opts := tlsOpts(spec)
-	if kernelTLSMode(spec) != driver.TLSRelay {
-		opts = append(opts, nbd.WithKernelTLS(false))
-	}
 	n := &negotiated{}
+	switch kernelTLSMode(spec) {
+	case driver.TLSKernel:
+		opts = append(opts, nbd.WithKernelTLS(false))
+	case driver.TLSAuto:
+		// Where the kernel has no tls ULP the session goes to the relay
+		// anyway: no reason to prefer TLS 1.2 (which shows the client
+		// certificate in clear) or to record it.
+		if n.noKernelTLS = kernelTLSAvailable(); n.noKernelTLS == nil {
+			opts = append(opts, nbd.WithKernelTLS(false))
+		}
+	}
 	ok := false
 	defer func() {
 		if !ok {
@@ -243,6 +295,7 @@ func dial(ctx context.Context, spec driver.AttachSpec, limit int) (*negotiated, 
 		}
 		n.files = append(n.files, f)
 		n.relays = append(n.relays, nil)
+		n.tls = append(n.tls, connTLS{})
 	}
 	ok = true
 	return n, nil
@@ -265,22 +318,26 @@ func kernelTLSMode(spec driver.AttachSpec) string {
 // redialled.
 func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.Conn) error {
 	mode := kernelTLSMode(spec)
-	if mode != driver.TLSRelay {
-		f, _, err := c.KernelTLS()
+	fallback := ""
+	if n.noKernelTLS != nil {
+		fallback = n.noKernelTLS.Error()
+	} else if mode != driver.TLSRelay {
+		f, err := kernelTLS(c)
 		if err == nil {
 			c.Close()
 			n.files = append(n.files, f)
 			n.relays = append(n.relays, nil)
-			n.tls = driver.TLSKernel
+			n.tls = append(n.tls, connTLS{mode: driver.TLSKernel})
 			return nil
 		}
 		if mode == driver.TLSKernel {
 			c.Close()
 			return fmt.Errorf("%w: %s=%s: %w", nbd.ErrPlatform, driver.KeyTLS, driver.TLSKernel, err)
 		}
-		n.fallback = err.Error()
-		if errors.Is(err, ktls.ErrBroken) {
-			// The session cannot go on; a fresh one goes to the relay.
+		fallback = err.Error()
+		if c.InKernel() {
+			// The session is (partly) the kernel's and never this
+			// process's again; a fresh one goes to the relay.
 			was := c.Export()
 			c.Close()
 			if c, err = nbd.Dial(ctx, spec.URI, tlsOpts(spec)...); err != nil {
@@ -298,15 +355,29 @@ func (n *negotiated) addTLS(ctx context.Context, spec driver.AttachSpec, c *nbd.
 		}
 	}
 	// The kernel gets a socket pair, and this process encrypts.
-	r, err := newRelay(c.Stream())
+	st, err := c.Stream()
 	if err != nil {
-		c.Stream().Close()
+		c.Close()
+		return err
+	}
+	r, err := newRelay(st)
+	if err != nil {
+		st.Close()
 		return err
 	}
 	n.relays = append(n.relays, r)
 	n.files = append(n.files, r.kernel)
-	n.tls = driver.TLSRelay
+	n.tls = append(n.tls, connTLS{mode: driver.TLSRelay, fallback: fallback})
 	return nil
+}
+
+// kernelTLSAvailable is ktls.Available (a seam for tests).
+var kernelTLSAvailable = ktls.Available
+
+// kernelTLS is Conn.KernelTLS (a seam for tests).
+var kernelTLS = func(c *nbd.Conn) (*os.File, error) {
+	f, _, err := c.KernelTLS()
+	return f, err
 }
 
 // blockSize picks the device block size: the override, else the server's
@@ -381,7 +452,7 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	// CONNECT takes every socket it is given.
 	conns := make([]*kconn, len(ids))
 	for i, id := range ids {
-		conns[i] = &kconn{id: id, relay: n.takeRelay(i)}
+		conns[i] = &kconn{id: id, relay: n.takeRelay(i), tls: n.tlsOf(i)}
 		if handles != nil {
 			conns[i].handle = handles[i]
 		}
@@ -391,7 +462,7 @@ func (a *Attacher) Attach(ctx context.Context, spec driver.AttachSpec) (*driver.
 	// online resize is refused).
 	w := a.newWatch(spec, d, conns, len(ids) > 0 && a.diag(ids[0]))
 	w.size, w.flags, w.flagsKnown = d.SizeBytes, uint16(n.info.Flags), true
-	w.tls, w.tlsFallback = n.tls, n.fallback
+	w.tls, w.tlsFallback = summarizeTLS(n.tls)
 	a.start(w)
 	w.reportRelay(n)
 	return a.attachment(spec.VolumeID, *d), nil

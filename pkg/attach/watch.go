@@ -28,6 +28,17 @@ type kconn struct {
 	handle *os.File
 	// relay carries a TLS connection; closing it ends the kernel's.
 	relay *relay
+	// tls is how the connection is encrypted.
+	tls connTLS
+}
+
+// tlsOfConns returns how each of conns is encrypted.
+func tlsOfConns(conns []*kconn) []connTLS {
+	out := make([]connTLS, len(conns))
+	for i, c := range conns {
+		out[i] = c.tls
+	}
+	return out
 }
 
 func (c *kconn) release() {
@@ -117,8 +128,8 @@ type watch struct {
 	size       uint64 // the export size a reconnect must offer at least
 	flags      uint16
 	flagsKnown bool
-	// tls and tlsFallback are how the last connections handed over are
-	// encrypted, and why not by the kernel (see negotiated).
+	// tls and tlsFallback are how the volume's known connections are
+	// encrypted (summarizeTLS), and why some or all not by the kernel.
 	tls, tlsFallback string
 }
 
@@ -400,7 +411,7 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 		}
 		for i, h := range handles {
 			if i < released {
-				taken = append(taken, &kconn{id: ids[i], handle: h, relay: n.takeRelay(i)})
+				taken = append(taken, &kconn{id: ids[i], handle: h, relay: n.takeRelay(i), tls: n.tlsOf(i)})
 			} else {
 				h.Close()
 			}
@@ -412,7 +423,7 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 				return 0, fmt.Errorf("asking the kernel which sockets it took: %w", err)
 			}
 			if st.held {
-				taken = append(taken, &kconn{id: id, relay: n.takeRelay(i)})
+				taken = append(taken, &kconn{id: id, relay: n.takeRelay(i), tls: n.tlsOf(i)})
 			}
 		}
 		drop = dead[:min(len(taken), len(dead))]
@@ -430,7 +441,7 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 		w.flags, w.flagsKnown = uint16(n.info.Flags), true
 	}
 	if len(taken) > 0 {
-		w.tls, w.tlsFallback = n.tls, n.fallback
+		w.tls, w.tlsFallback = summarizeTLS(tlsOfConns(w.conns))
 	}
 	w.mu.Unlock()
 	if len(taken) > 0 {
@@ -442,13 +453,17 @@ func (w *watch) attempt(ctx context.Context, attempt int, dead []*kconn, probe b
 	return len(taken), nil
 }
 
-// reportRelay records the TLS mode of n's connections (which the kernel
-// took) and tells OnEvent when they go through the relay although the
-// volume allows kernel TLS (tls=auto fell back).
+// reportRelay records the volume's TLS mode after n's connections (which
+// the kernel took) were handed over, and tells OnEvent when any of them
+// goes through the relay although the volume allows kernel TLS (tls=auto
+// fell back).
 func (w *watch) reportRelay(n *negotiated) {
-	w.a.recordTLSMode(w.spec.VolumeID, n.tls, n.fallback)
-	if n.tls == driver.TLSRelay && n.fallback != "" {
-		w.emit(device.Event{Kind: device.EventTLSRelay, Err: errors.New(n.fallback)})
+	w.mu.Lock()
+	mode, reason := w.tls, w.tlsFallback
+	w.mu.Unlock()
+	w.a.recordTLSMode(w.spec.VolumeID, mode, reason)
+	if m, why := summarizeTLS(n.tls); m != driver.TLSKernel && why != "" {
+		w.emit(device.Event{Kind: device.EventTLSRelay, Err: errors.New(why)})
 	}
 }
 
@@ -470,15 +485,17 @@ func (w *watch) blind(ids []sockID, n *negotiated, handles []*os.File, probe boo
 		c.release()
 		return true
 	})
+	// What is known: the relays still serving, and this attempt's.
+	known := append(tlsOfConns(w.conns), n.tls...)
 	for i, id := range ids {
 		if r := n.takeRelay(i); r != nil {
-			w.conns = append(w.conns, &kconn{id: id, relay: r})
+			w.conns = append(w.conns, &kconn{id: id, relay: r, tls: n.tlsOf(i)})
 		}
 	}
 	if !w.flagsKnown {
 		w.flags, w.flagsKnown = uint16(n.info.Flags), true
 	}
-	w.tls, w.tlsFallback = n.tls, n.fallback
+	w.tls, w.tlsFallback = summarizeTLS(known)
 	if probe {
 		return 0
 	}

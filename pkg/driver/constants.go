@@ -57,6 +57,10 @@ const (
 	TLSKernel = "kernel"
 	TLSAuto   = "auto"
 	TLSRelay  = "relay"
+	// TLSMixed is no value of KeyTLS but an Attachment.TLS: a
+	// multi-connection TLSAuto volume of which only some connections went
+	// through the relay.
+	TLSMixed = "mixed"
 )
 
 // Node-stage secret keys (the kubernetes.io/tls convention).

@@ -47,10 +47,11 @@ type Attachment struct {
 	// Condition then says why.
 	Healthy   bool
 	Condition string
-	// TLS is how a TLS volume's connections are encrypted: TLSKernel or
-	// TLSRelay (empty for a plaintext volume, or when unknown, e.g. for a
-	// volume adopted after a restart before its first reconnect).
-	// TLSFallback says why a TLSAuto volume uses the relay.
+	// TLS is how a TLS volume's connections are encrypted: TLSKernel,
+	// TLSRelay, or TLSMixed when only some go through the relay (empty
+	// for a plaintext volume, or when unknown, e.g. for a volume adopted
+	// after a restart before its first reconnect). TLSFallback says why a
+	// TLSAuto volume uses the relay (for TLSMixed: how many connections).
 	TLS         string
 	TLSFallback string
 }

@@ -6,7 +6,13 @@ import (
 	"bytes"
 	"crypto/tls"
 	"encoding/binary"
+	"errors"
+	"os"
+	"slices"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestCryptoInfoLayout pins the encoding to linux/tls.h:
@@ -57,5 +63,50 @@ func TestCryptoInfoLayout(t *testing.T) {
 				t.Errorf("rec_seq % x", b[16+su.keyLen:])
 			}
 		})
+	}
+}
+
+// TestSetsockoptBytes: the setsockopt that takes the key material from
+// its own (clearable) bytes passes them to the kernel intact; checked
+// with a byte-valued option every kernel has (TCP_CONGESTION "reno").
+func TestSetsockoptBytes(t *testing.T) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := setsockoptBytes(fd, unix.SOL_TCP, unix.TCP_CONGESTION, []byte("reno")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := unix.GetsockoptString(fd, unix.SOL_TCP, unix.TCP_CONGESTION)
+	if err != nil || got != "reno" {
+		t.Fatalf("TCP_CONGESTION = %q, %v; want reno", got, err)
+	}
+	if err := setsockoptBytes(fd, unix.SOL_TCP, unix.TCP_CONGESTION, []byte("no-such-algorithm")); !errors.Is(err, unix.ENOENT) {
+		t.Errorf("unknown algorithm: %v, want ENOENT", err)
+	}
+}
+
+// TestAvailableMatchesKernel: the probe agrees with the kernel's list of
+// loaded ULPs after it ran (a probe that found the ULP has it loaded), and
+// an absent ULP is ErrUnavailable. On this repository's hosts (no tls
+// module) that is the ErrUnavailable branch; the VM tests take the other.
+func TestAvailableMatchesKernel(t *testing.T) {
+	err := probeULP()
+	b, rerr := os.ReadFile("/proc/sys/net/ipv4/tcp_available_ulp")
+	if rerr != nil {
+		t.Fatalf("reading the kernel's ULP list: %v", rerr)
+	}
+	loaded := slices.Contains(strings.Fields(string(b)), "tls")
+	switch {
+	case err == nil && !loaded:
+		t.Errorf("probe found the tls ULP, the kernel lists %q", b)
+	case err != nil && loaded:
+		t.Errorf("probe = %v, but the kernel lists tls in %q", err, b)
+	case err != nil && !errors.Is(err, ErrUnavailable):
+		t.Errorf("probe = %v, want ErrUnavailable", err)
+	}
+	if got := Available(); (got == nil) != (err == nil) {
+		t.Errorf("Available() = %v, probe = %v", got, err)
 	}
 }

@@ -21,7 +21,9 @@ import (
 const maxKeyLog = 4096
 
 // keyLog is a tls.Config.KeyLogWriter that keeps the NSS key log lines of
-// one connection in memory. It never prints them.
+// one connection in memory. It never prints them. Its buffer is allocated
+// once at its full size, so appending never moves the secrets and wipe
+// clears the only copy.
 type keyLog struct {
 	mu  sync.Mutex
 	buf []byte
@@ -31,16 +33,19 @@ type keyLog struct {
 func (k *keyLog) Write(p []byte) (int, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if len(k.buf)+len(p) > maxKeyLog {
+	if k.buf == nil {
+		k.buf = make([]byte, 0, maxKeyLog)
+	}
+	if len(p) > cap(k.buf)-len(k.buf) {
 		return 0, errors.New("ktls: key log full")
 	}
-	k.buf = append(k.buf, p...)
+	k.buf = append(k.buf, p...) // within capacity: never reallocates
 	return len(p), nil
 }
 
 func (k *keyLog) wipe() {
 	k.mu.Lock()
-	clear(k.buf)
+	clear(k.buf[:cap(k.buf)])
 	k.buf = nil
 	k.mu.Unlock()
 }

@@ -45,11 +45,15 @@ type stream struct {
 	hdrN int
 	rem  int  // body bytes left in the current record
 	typ  byte // type of the current record
-	// records counts complete records; sinceCCS counts those after the
-	// last ChangeCipherSpec record.
+	// records counts complete records other than ChangeCipherSpec;
+	// sinceCCS counts those after the last ChangeCipherSpec record.
+	// A CCS record is never protected and never has a sequence number:
+	// in TLS 1.2 it starts the protected records (sinceCCS), in TLS 1.3
+	// it is a compatibility no-op that may arrive at any time (RFC 8446
+	// Appendix D.4), which crypto/tls skips, so it must not count.
 	records, sinceCCS uint64
 	// cur is the record being assembled, last the last complete one
-	// (header and body).
+	// other than CCS (header and body).
 	cur, last []byte
 	// hello is the random of the first ClientHello or ServerHello seen.
 	hello    [32]byte
@@ -109,12 +113,14 @@ func (s *stream) feed(p []byte) {
 }
 
 func (s *stream) complete() {
-	s.records++
+	s.hdrN = 0
 	if s.typ == typeChangeCipherSpec {
 		s.sinceCCS = 0
-	} else {
-		s.sinceCCS++
+		s.cur = s.cur[:0]
+		return
 	}
+	s.records++
+	s.sinceCCS++
 	if !s.helloOK && s.typ == typeHandshake {
 		// Hello: type(1) length(3) version(2) random(32); in the first
 		// handshake record, which is plaintext in every version.
@@ -125,7 +131,6 @@ func (s *stream) complete() {
 		}
 	}
 	s.last, s.cur = s.cur, s.last
-	s.hdrN = 0
 }
 
 // release drops the buffers.

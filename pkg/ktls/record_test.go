@@ -19,9 +19,22 @@ func TestStreamCounts(t *testing.T) {
 		s = stream{}
 		s.feed(all[:cut])
 		s.feed(all[cut:])
-		if s.records != 4 || s.sinceCCS != 2 || !s.atBoundary() || !s.helloOK || s.hello[0] != 7 || !bytes.Equal(s.last, app) {
+		// A CCS record has no sequence number: not counted.
+		if s.records != 3 || s.sinceCCS != 2 || !s.atBoundary() || !s.helloOK || s.hello[0] != 7 || !bytes.Equal(s.last, app) {
 			t.Fatalf("cut %d: records %d sinceCCS %d boundary %v hello %v", cut, s.records, s.sinceCCS, s.atBoundary(), s.helloOK)
 		}
+	}
+}
+
+// TestStreamCCSNeverLast: a CCS record (TLS 1.3 allows one at any time)
+// never replaces the last protected record, which proves the keys.
+func TestStreamCCSNeverLast(t *testing.T) {
+	var s stream
+	app := []byte{typeApplicationData, 3, 3, 0, 3, 1, 2, 3}
+	s.feed(app)
+	s.feed([]byte{typeChangeCipherSpec, 3, 3, 0, 1, 1})
+	if s.records != 1 || !bytes.Equal(s.last, app) || !s.atBoundary() {
+		t.Fatalf("after app+CCS: records %d last % x", s.records, s.last)
 	}
 }
 

@@ -329,10 +329,15 @@ func (c *Conn) File() (*os.File, error) {
 // Only for a ProfileKernel connection dialled WithKernelTLS, in the
 // transmission phase before anything was sent.
 //
-// On an error wrapping ktls.ErrUnsupported or ktls.ErrUnavailable the
-// session is unchanged and Stream can still carry it (e.g. through a
-// relay); on ktls.ErrBroken it is unusable and the Conn must be closed.
-// The caller closes the file; Close on the Conn is still needed.
+// Everything that can fail in this process (the dup of the socket) is
+// done before the session moves, and nothing after. Once the session has
+// moved, or partly moved (InKernel), the Conn never touches the TLS
+// session again: Stream refuses and Close only closes the socket, so
+// crypto/tls can never encrypt under the kernel's keys and sequence
+// numbers. On an error with InKernel false the session is unchanged and
+// Stream can still carry it (e.g. through a relay); with InKernel true
+// the Conn can only be closed. The caller closes the file; Close on the
+// Conn is still needed.
 func (c *Conn) KernelTLS() (*os.File, *ktls.Info, error) {
 	if c.profile != ProfileKernel || !c.info.TLS || c.rec == nil || c.kernelTLS {
 		return nil, nil, fmt.Errorf("%w: kernel TLS needs a TLS connection dialled with the kernel profile and WithKernelTLS", ErrBadArgument)
@@ -341,32 +346,56 @@ func (c *Conn) KernelTLS() (*os.File, *ktls.Info, error) {
 	if !ok {
 		return nil, nil, fmt.Errorf("%w: connection of type %T is not a TLS session", ErrBadArgument, c.stream)
 	}
-	info, err := ktls.Offload(tc, c.rec)
+	file, err := socketFile(c.raw)
 	if err != nil {
-		if errors.Is(err, ktls.ErrBroken) {
-			c.kernelTLS = true
-		} else {
+		c.rec.Release() // the session stays in userspace
+		return nil, nil, fmt.Errorf("socket for the kernel: %w", err)
+	}
+	info, err := offloadTLS(tc, c.rec)
+	if err != nil {
+		file.Close()
+		if errors.Is(err, ktls.ErrUnsupported) || errors.Is(err, ktls.ErrUnavailable) {
 			c.rec.Release()
+		} else {
+			// ErrBroken, or anything Offload does not promise left
+			// the session unchanged: treat it as the kernel's.
+			c.kernelTLS = true
 		}
 		return nil, nil, err
 	}
 	c.kernelTLS = true
-	f, ok := c.raw.(interface{ File() (*os.File, error) })
-	if !ok {
-		return nil, nil, fmt.Errorf("%w: connection of type %T has no file descriptor", ErrBadArgument, c.raw)
-	}
-	file, err := f.File()
-	if err != nil {
-		return nil, nil, err
-	}
 	return file, info, nil
 }
+
+// InKernel reports whether KernelTLS moved the TLS session into the
+// kernel, wholly or partly. The session is then never this process's
+// again: Stream refuses, and a fallback needs a fresh connection.
+func (c *Conn) InKernel() bool { return c.kernelTLS }
+
+// Seams for tests: the offload, and the dup of the socket for the kernel
+// (which fails with EMFILE or ENFILE when descriptors run out).
+var (
+	offloadTLS = ktls.Offload
+	socketFile = func(raw net.Conn) (*os.File, error) {
+		f, ok := raw.(interface{ File() (*os.File, error) })
+		if !ok {
+			return nil, fmt.Errorf("%w: connection of type %T has no file descriptor", ErrBadArgument, raw)
+		}
+		return f.File()
+	}
+)
 
 // Stream returns the connection the protocol is spoken over: the socket, or
 // the TLS session wrapping it. With ProfileKernel and TLS this is what a
 // relay carries to the kernel; after taking it the caller owns it and must
-// not also Close the Conn.
-func (c *Conn) Stream() net.Conn { return c.stream }
+// not also Close the Conn. It refuses once the session is in the kernel
+// (InKernel): writing or closing it would reuse the kernel's nonces.
+func (c *Conn) Stream() (net.Conn, error) {
+	if c.kernelTLS {
+		return nil, fmt.Errorf("%w: the TLS session is in the kernel; it cannot be used from this process", ErrBadArgument)
+	}
+	return c.stream, nil
+}
 
 // SyscallConn exposes the raw socket, e.g. to set socket options before the
 // hand-off.

@@ -131,7 +131,10 @@ func TestInteropKernelProfileTLS(t *testing.T) {
 			if _, err := c.File(); !errors.Is(err, nbd.ErrBadArgument) {
 				t.Errorf("File() on a TLS connection = %v, want ErrBadArgument", err)
 			}
-			st := c.Stream()
+			st, err := c.Stream()
+			if err != nil {
+				t.Fatal(err)
+			}
 			defer st.Close()
 			rawRead(t, st, 7, 0, 4096)
 			rawRead(t, st, 8, 1<<19, 65536)

@@ -4,9 +4,13 @@ package nbd_test
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
+	"os"
+	"syscall"
 	"testing"
 
 	"github.com/nbd-csi/nbd-csi/internal/servers"
@@ -71,11 +75,15 @@ func readOverStream(t *testing.T, c *nbd.Conn) {
 	binary.BigEndian.PutUint32(req[0:], 0x25609513)
 	binary.BigEndian.PutUint64(req[8:], 42)
 	binary.BigEndian.PutUint32(req[24:], 4096)
-	if _, err := c.Stream().Write(req[:]); err != nil {
+	st, err := c.Stream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Write(req[:]); err != nil {
 		t.Fatal(err)
 	}
 	reply := make([]byte, 16+4096)
-	if _, err := io.ReadFull(c.Stream(), reply); err != nil {
+	if _, err := io.ReadFull(st, reply); err != nil {
 		t.Fatal(err)
 	}
 	if m := binary.BigEndian.Uint32(reply); m != 0x67446698 || binary.BigEndian.Uint32(reply[4:]) != 0 ||
@@ -113,5 +121,71 @@ func TestInteropKernelTLS13Only(t *testing.T) {
 		t.Fatalf("KernelTLS = %v, want success or ErrUnavailable", err)
 	default:
 		readOverStream(t, c)
+	}
+}
+
+// TestInteropKernelTLSDupFailsFirst: KernelTLS must take everything that
+// can fail (the dup of the socket for the kernel: EMFILE, ENFILE) before
+// it moves the session into the kernel. Before, a failed dup after a
+// successful offload returned an ordinary error with the session in the
+// kernel, and tls=auto fell back to the relay on the same *tls.Conn:
+// crypto/tls then encrypted at the sequence numbers the kernel also uses
+// (AES-GCM nonce reuse under one key). The offload is a seam here (the
+// host has no tls module); nbdkit is real.
+func TestInteropKernelTLSDupFailsFirst(t *testing.T) {
+	certs := servers.GenerateCerts(t)
+	srv := tlsServers[0]
+	s := srv.start(t, servers.TCP, certs, false)
+	offloaded := false
+	nbd.SetKernelTLSSeams(t,
+		func(*tls.Conn, *ktls.Recorder) (*ktls.Info, error) { offloaded = true; return &ktls.Info{}, nil },
+		func(net.Conn) (*os.File, error) { return nil, syscall.EMFILE })
+	c, err := nbd.Dial(testCtx(t), mustURI(t, s.TLSURI(exportOf(srv.name))), nbd.WithTLS(&nbd.TLSOptions{CAFile: certs.CAFile}), nbd.WithKernelTLS(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, _, err := c.KernelTLS(); !errors.Is(err, syscall.EMFILE) {
+		t.Fatalf("KernelTLS with a failing dup = %v, want EMFILE", err)
+	}
+	if offloaded {
+		t.Fatal("KernelTLS moved the session into the kernel before the dup that failed: the session is the kernel's, yet the error invites a relay on it")
+	}
+	if c.InKernel() {
+		t.Fatal("InKernel after a failed dup")
+	}
+	readOverStream(t, c) // untouched: the relay may carry it
+}
+
+// TestInteropKernelTLSBrokenRefusesStream: once an offload left the
+// session partly in the kernel (ErrBroken), the Conn must refuse to hand
+// out the *tls.Conn, so no fallback can encrypt under the kernel's keys.
+func TestInteropKernelTLSBrokenRefusesStream(t *testing.T) {
+	certs := servers.GenerateCerts(t)
+	srv := tlsServers[0]
+	s := srv.start(t, servers.TCP, certs, false)
+	var dup *os.File
+	nbd.SetKernelTLSSeams(t,
+		func(*tls.Conn, *ktls.Recorder) (*ktls.Info, error) { return nil, ktls.ErrBroken },
+		func(raw net.Conn) (f *os.File, err error) {
+			dup, err = raw.(*net.TCPConn).File()
+			return dup, err
+		})
+	c, err := nbd.Dial(testCtx(t), mustURI(t, s.TLSURI(exportOf(srv.name))), nbd.WithTLS(&nbd.TLSOptions{CAFile: certs.CAFile}), nbd.WithKernelTLS(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, _, err := c.KernelTLS(); !errors.Is(err, ktls.ErrBroken) {
+		t.Fatalf("KernelTLS = %v, want ErrBroken", err)
+	}
+	if !c.InKernel() {
+		t.Error("InKernel false after ErrBroken")
+	}
+	if st, err := c.Stream(); !errors.Is(err, nbd.ErrBadArgument) || st != nil {
+		t.Errorf("Stream after a broken offload = %v, %v; want ErrBadArgument", st, err)
+	}
+	if _, err := dup.Stat(); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("the dup taken for the kernel is still open after the failed offload (Stat: %v)", err)
 	}
 }

@@ -93,7 +93,9 @@ func WithTLS(t *TLSOptions) Option { return func(c *config) { c.tls = t } }
 // connection then ends and must be replaced. A TLS 1.2 handshake that
 // fails for any reason but a refused server certificate is tried again
 // allowing TLS 1.3 (servers refuse TLS 1.2 differently: an alert, or just
-// closing); allow13 allows it from the start.
+// closing); allow13 allows it from the start. Both offer only the
+// offloadable suites for TLS 1.2 (ktls.OffloadCipherSuites): a server that
+// speaks TLS 1.2 with nothing else (e.g. ChaCha20 only) needs tls=relay.
 func WithKernelTLS(allow13 bool) Option {
 	return func(c *config) { c.kernelTLS, c.kernelTLS13 = true, allow13 }
 }
@@ -151,9 +153,15 @@ func (c *config) tlsConfig(u *URI) (*tls.Config, error) {
 		}
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	if c.kernelTLS && !c.kernelTLS13 {
-		cfg.MaxVersion = tls.VersionTLS12
+	if c.kernelTLS {
+		// TLS 1.2 only with the suites the kernel can take, on the
+		// first try and on the retry that allows TLS 1.3 alike (else
+		// closing the first try would get a suite Offload refuses).
+		// TLS 1.3 suites are not configurable in crypto/tls.
 		cfg.CipherSuites = ktls.OffloadCipherSuites
+		if !c.kernelTLS13 {
+			cfg.MaxVersion = tls.VersionTLS12
+		}
 	}
 	cfg.ServerName = o.ServerName
 	if cfg.ServerName == "" {
