@@ -27,7 +27,6 @@ var allowedSkips = map[string]string{
 	`test/chart/chart_test.go: t.Skipf("no helm: %v", err)`:                                                                     "NBDCSI_REQUIRE_SERVERS=1 turns it into t.Fatalf",
 	`test/chart/prometheus_test.go: t.Skipf("no promtool: %v", err)`:                                                            "NBDCSI_REQUIRE_SERVERS=1 turns it into t.Fatalf",
 	`pkg/driver/blank_test.go: t.Skipf("%s is not installed: %v", name, err)`:                                                   "NBDCSI_REQUIRE_SERVERS=1 turns it into t.Fatalf",
-	`pkg/attach/ktls_test.go: t.Skip("the tls module is loaded here: kernel TLS would succeed (test/kernel covers it)")`:        "tests the fallback where the kernel has no TLS layer (this host); TestKernelKTLSFallback covers it in the VM",
 	`test/kernel/bench_breakdown_test.go: t.Skip("benchmark: set NBDCSI_BENCH=1 (bench/kernel.sh does)")`:                       "a benchmark (make bench), not a test",
 	`test/vm/vm_test.go: t.Skip(err)`:                                                                                           "rig unavailable: NBDCSI_REQUIRE_VM=1 turns it into t.Fatalf",
 	`test/vm/accel_test.go: t.Skip(err)`:                                                                                        "rig unavailable: NBDCSI_REQUIRE_VM=1 turns it into t.Fatalf",
