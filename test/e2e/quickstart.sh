@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's "Quick start on a cluster", run as written against the vm
+# docs/install.md's "Quick start on a cluster", run as written against the vm
 # cluster in KUBECONFIG (make e2e runs it last, after removing the e2e's own
 # install of the chart): the block between <!-- e2e:quickstart --> and
-# <!-- /e2e:quickstart --> of README.md, with one substitution — the chart
+# <!-- /e2e:quickstart --> of docs/install.md, with one substitution — the chart
 # reference oci://ghcr.io/nbd-csi/charts/nbd-csi --version X becomes the
 # package make release made (E2E_CHART), as no registry is reachable here.
 # It applies deploy/examples/nbd-server-pool.yaml as it is in the tree.
@@ -22,7 +22,7 @@ cd "$(git rev-parse --show-toplevel)"
 : "${E2E_CHART:?E2E_CHART: the chart package to install (make release)}"
 RUN=${E2E_CACHE:-$PWD/.cache/e2e}/run
 HOST_IP=10.99.0.1
-command -v kubectl >/dev/null || { echo "quickstart: kubectl is not installed (the README's quick start uses it)" >&2; exit 1; }
+command -v kubectl >/dev/null || { echo "quickstart: kubectl is not installed (docs/install.md's quick start uses it)" >&2; exit 1; }
 helm=$(hack/helm.sh)
 # The block calls helm and kubectl by name.
 PATH=$(dirname "$helm"):$PATH
@@ -30,12 +30,12 @@ export PATH KUBECONFIG
 log() { echo "[quickstart $(date +%T)] $*" >&2; }
 
 # The block, as written.
-block=$(awk '/^<!-- e2e:quickstart/{on=1; next} /^<!-- \/e2e:quickstart -->/{on=0} on' README.md |
+block=$(awk '/^<!-- e2e:quickstart/{on=1; next} /^<!-- \/e2e:quickstart -->/{on=0} on' docs/install.md |
 	sed -n '/^```sh$/,/^```$/p' | sed '1d;$d')
-[ -n "$block" ] || { echo "quickstart: no e2e:quickstart block in README.md" >&2; exit 1; }
+[ -n "$block" ] || { echo "quickstart: no e2e:quickstart block in docs/install.md" >&2; exit 1; }
 ref='oci://ghcr.io/nbd-csi/charts/nbd-csi --version [0-9][0-9.]*'
 [ "$(grep -c -- "helm install nbd-csi $ref" <<<"$block")" = 1 ] ||
-	{ echo "quickstart: README's block does not install the chart from $ref exactly once" >&2; exit 1; }
+	{ echo "quickstart: docs/install.md's block does not install the chart from $ref exactly once" >&2; exit 1; }
 script=$(sed "s#$ref#$E2E_CHART#" <<<"$block")
 
 # Cluster DNS.
@@ -91,7 +91,7 @@ spec:
             - {key: kubernetes.io/hostname, operator: In, values: [$node]}
 YAML
 
-log "running README.md's quick start (chart: $E2E_CHART)"
+log "running docs/install.md's quick start (chart: $E2E_CHART)"
 start=$SECONDS
 out=$(mktemp)
 if ! bash -euo pipefail -x -c "$script" 2>&1 | tee "$out"; then
@@ -109,7 +109,7 @@ if ! grep -qx 'hello from nbd-csi' "$out"; then
 fi
 rm -f "$out"
 log "quick start passed in $((SECONDS - start)) s"
-# Clean up as the README says (what an admin does after trying it).
+# Clean up as docs/install.md says (what an admin does after trying it).
 kubectl delete pod/hello pvc/hello --timeout=5m
 kubectl delete -f deploy/examples/nbd-server-pool.yaml --timeout=5m
 "$helm" uninstall nbd-csi --namespace kube-system --wait --timeout 5m
