@@ -4,7 +4,7 @@
 # nbd module, real servers, mkfs and mount are available.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-VM_TIMEOUT=${VM_TIMEOUT:-25m}
+VM_TIMEOUT=${VM_TIMEOUT:-40m}
 # Kernel suites as "package:-test.run pattern": the TestKernel* suites, and
 # csi-sanity with the real node, in-process, against the `nbd-csi serve`
 # binary and in-process with encrypted volumes (ginkgo runs once per
