@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/nbd-csi/nbd-csi/internal/nbdscript"
 	"github.com/nbd-csi/nbd-csi/internal/servers"
 	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"github.com/nbd-csi/nbd-csi/pkg/ktls"
@@ -131,42 +132,11 @@ func newJunkProxy(t *testing.T, backend string, cfg *tls.Config) *junkProxy {
 
 func (p *junkProxy) serve(c net.Conn) {
 	defer c.Close()
-	greet := make([]byte, 18)
-	binary.BigEndian.PutUint64(greet, 0x4e42444d41474943)
-	binary.BigEndian.PutUint64(greet[8:], 0x49484156454f5054)
-	binary.BigEndian.PutUint16(greet[16:], 3)
-	if _, err := c.Write(greet); err != nil {
-		return
-	}
-	flags, opt := make([]byte, 4), make([]byte, 16)
-	if _, err := io.ReadFull(c, flags); err != nil {
-		return
-	}
-	if _, err := io.ReadFull(c, opt); err != nil || binary.BigEndian.Uint32(opt[8:]) != 5 {
-		return
-	}
-	ack := make([]byte, 20)
-	binary.BigEndian.PutUint64(ack, 0x3e889045565a9)
-	binary.BigEndian.PutUint32(ack[8:], 5)
-	binary.BigEndian.PutUint32(ack[12:], 1)
-	if _, err := c.Write(ack); err != nil {
-		return
-	}
-	tc := tls.Server(c, p.cfg)
-	if err := tc.Handshake(); err != nil {
-		return
-	}
-	b, err := net.Dial("unix", p.backend)
+	tc, b, err := nbdscript.AcceptStartTLS(c, p.cfg, p.backend)
 	if err != nil {
 		return
 	}
 	defer b.Close()
-	if _, err := io.ReadFull(b, make([]byte, 18)); err != nil {
-		return
-	}
-	if _, err := b.Write(flags); err != nil {
-		return
-	}
 	junk := p.first.Swap(false)
 	goAck := make([]byte, 20)
 	binary.BigEndian.PutUint64(goAck, 0x3e889045565a9)

@@ -7,7 +7,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -25,12 +24,12 @@ import (
 	"unsafe"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/nbd-csi/nbd-csi/internal/nbdscript"
+	"github.com/nbd-csi/nbd-csi/internal/servers"
+	"github.com/nbd-csi/nbd-csi/pkg/driver"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-
-	"github.com/nbd-csi/nbd-csi/internal/servers"
-	"github.com/nbd-csi/nbd-csi/pkg/driver"
 )
 
 // tlsSecrets returns the node-stage secrets for certs: the CA, and the
@@ -355,43 +354,11 @@ func (p *tlsProxy) uri() string { return "nbds://" + p.ln.Addr().String() + "/" 
 // to a plaintext connection to the backend past its greeting.
 func (p *tlsProxy) serve(c net.Conn) {
 	defer c.Close()
-	greet := make([]byte, 18)
-	binary.BigEndian.PutUint64(greet, 0x4e42444d41474943)
-	binary.BigEndian.PutUint64(greet[8:], 0x49484156454f5054)
-	binary.BigEndian.PutUint16(greet[16:], 3) // FIXED_NEWSTYLE | NO_ZEROES
-	if _, err := c.Write(greet); err != nil {
-		return
-	}
-	flags := make([]byte, 4)
-	opt := make([]byte, 16)
-	if _, err := io.ReadFull(c, flags); err != nil {
-		return
-	}
-	if _, err := io.ReadFull(c, opt); err != nil || binary.BigEndian.Uint32(opt[8:]) != 5 || binary.BigEndian.Uint32(opt[12:]) != 0 {
-		return
-	}
-	ack := make([]byte, 20)
-	binary.BigEndian.PutUint64(ack, 0x3e889045565a9)
-	binary.BigEndian.PutUint32(ack[8:], 5)
-	binary.BigEndian.PutUint32(ack[12:], 1)
-	if _, err := c.Write(ack); err != nil {
-		return
-	}
-	tc := tls.Server(c, p.cfg)
-	if err := tc.Handshake(); err != nil {
-		return
-	}
-	b, err := net.Dial("unix", p.backend)
+	tc, b, err := nbdscript.AcceptStartTLS(c, p.cfg, p.backend)
 	if err != nil {
 		return
 	}
 	defer b.Close()
-	if _, err := io.ReadFull(b, make([]byte, 18)); err != nil {
-		return
-	}
-	if _, err := b.Write(flags); err != nil {
-		return
-	}
 	p.mu.Lock()
 	p.conns = append(p.conns, tc)
 	p.mu.Unlock()
