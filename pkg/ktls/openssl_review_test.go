@@ -51,16 +51,7 @@ func TestPrepareAgainstOpenSSL(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-			var raw net.Conn
-			for i := 0; i < 100; i++ {
-				if raw, err = net.Dial("tcp", "127.0.0.1:"+itoa(port)); err == nil {
-					break
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
+			raw := dialWhenUp(t, port)
 			defer raw.Close()
 			rec := NewRecorder(raw)
 			c := tls.Client(rec, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12, MaxVersion: tc.ver, KeyLogWriter: rec.KeyLog()})
@@ -143,16 +134,7 @@ func TestPrepareRefusesAfterKeyUpdate(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	var raw net.Conn
-	for i := 0; i < 100; i++ {
-		if raw, err = net.Dial("tcp", "127.0.0.1:"+itoa(port)); err == nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	raw := dialWhenUp(t, port)
 	defer raw.Close()
 	rec := NewRecorder(raw)
 	c := tls.Client(rec, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13, KeyLogWriter: rec.KeyLog()})
@@ -187,4 +169,20 @@ func TestPrepareRefusesAfterKeyUpdate(t *testing.T) {
 		t.Fatal("prepare accepted a session whose keys were updated")
 	}
 	t.Logf("refused: %v", err)
+}
+
+// dialWhenUp connects to the openssl s_server starting on port, waiting up
+// to 5 s for it to listen.
+func dialWhenUp(t *testing.T, port int) net.Conn {
+	t.Helper()
+	var err error
+	for i := 0; i < 100; i++ {
+		var raw net.Conn
+		if raw, err = net.Dial("tcp", "127.0.0.1:"+itoa(port)); err == nil {
+			return raw
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal(err)
+	return nil
 }
