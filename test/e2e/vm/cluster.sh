@@ -199,19 +199,25 @@ build_suite_images() {
 	fi
 }
 
-# build_rest_images IMG WORK: the sidecars and nbd-csi.
-build_rest_images() {
-	local img=$1 work=$2
-	# The CSI sidecars at the releases the chart pins, built from their
-	# upstream source under the image names the chart's defaults give
-	# (registry.k8s.io/sig-storage/CMD:VERSION; test/chart TestChartE2EValues
-	# checks they agree), so the chart installs them unchanged. Three come
-	# from the Go module proxy; node-driver-registrar's module is not served
-	# there, so its upstream source is kept verbatim in test/e2e/third_party.
+# build_sidecars: the CSI sidecars at the releases the chart pins, built
+# from their upstream source under the image names the chart's defaults
+# give (registry.k8s.io/sig-storage/CMD:VERSION; test/chart
+# TestChartE2EValues checks they agree), so the chart installs them
+# unchanged. Three come from the Go module proxy; node-driver-registrar's
+# module is not served there, so its upstream source is kept verbatim in
+# test/e2e/third_party.
+build_sidecars() {
 	build_sidecar provisioner github.com/kubernetes-csi/external-provisioner/v6 v6.4.0 csi-provisioner
 	build_sidecar attacher github.com/kubernetes-csi/external-attacher/v4 v4.13.0 csi-attacher
 	build_sidecar resizer github.com/kubernetes-csi/external-resizer/v2 v2.3.0 csi-resizer
 	build_sidecar registrar ./test/e2e/third_party/node-driver-registrar v2.17.0 csi-node-driver-registrar
+}
+
+# build_rest_images IMG WORK: the sidecars (built by build_sidecars unless
+# cached) and nbd-csi.
+build_rest_images() {
+	local img=$1 work=$2
+	build_sidecars
 	# nbd-csi, always rebuilt (it is what is under test): the binary plus the
 	# filesystem and module tools the node plugin runs, from the node's
 	# Debian root filesystem, under the chart's default image reference
@@ -259,12 +265,33 @@ build_sidecar() {
 	mkimage -name "registry.k8s.io/sig-storage/$cmd:$ver" -rootfs "$E2E/imgwork/$name" -entrypoint "[\"/$cmd\"]" -out "$img/$name-$ver.tar"
 }
 
+# kill_tree PID: PID and every process below it.
+kill_tree() {
+	local c
+	for c in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$c"; done
+	kill "$1" 2>/dev/null || true
+}
+
+ROOTFS_PID=""
 build() {
 	mkdir -p "$E2E"
 	hack/install-deps.sh e2e-vm
-	build_rootfs
+	# The debootstrap waits mostly on the network and dpkg, the Go builds on
+	# the CPU: cold, it runs beside them (build_rootfs's die says why it
+	# failed; a failed Go build stops it).
+	if [ ! -f "$E2E/rootfs.tar" ]; then
+		build_rootfs &
+		ROOTFS_PID=$!
+		trap '[ -z "$ROOTFS_PID" ] || kill_tree "$ROOTFS_PID"' EXIT
+	fi
 	log "Kubernetes binaries"
 	hack/kube-build.sh kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy >/dev/null
+	build_sidecars
+	if [ -n "$ROOTFS_PID" ]; then
+		wait "$ROOTFS_PID" || exit 1
+		ROOTFS_PID=""
+		trap - EXIT
+	fi
 	build_images
 	log "built: $(ls "$E2E/images" | tr '\n' ' ')"
 }
