@@ -62,7 +62,7 @@ minor=$(echo "$K8S_VERSION" | cut -d. -f2)
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
 for cmd in "$@"; do
 	case $cmd in
-	kube-apiserver | kube-controller-manager | kube-scheduler | kubelet | kube-proxy | e2e.test | agnhost) ;;
+	kube-apiserver | kube-controller-manager | kube-scheduler | kubelet | kube-proxy | kubectl | e2e.test | agnhost) ;;
 	*) echo "kube-build: unknown command $cmd" >&2; exit 2 ;;
 	esac
 	bin=$dir/bin/$cmd

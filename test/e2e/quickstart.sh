@@ -22,10 +22,12 @@ cd "$(git rev-parse --show-toplevel)"
 : "${E2E_CHART:?E2E_CHART: the chart package to install (make release)}"
 RUN=${E2E_CACHE:-$PWD/.cache/e2e}/run
 HOST_IP=10.99.0.1
-command -v kubectl >/dev/null || { echo "quickstart: kubectl is not installed (docs/install.md's quick start uses it)" >&2; exit 1; }
 helm=$(hack/helm.sh)
+# kubectl at the cluster's version, from the Go module proxy like the
+# cluster itself (a fresh machine has none; Debian's is 1.20).
+kubectl=$(hack/kube-build.sh kubectl)
 # The block calls helm and kubectl by name.
-PATH=$(dirname "$helm"):$PATH
+PATH=$(dirname "$helm"):$(dirname "$kubectl"):$PATH
 export PATH KUBECONFIG
 log() { echo "[quickstart $(date +%T)] $*" >&2; }
 
