@@ -67,7 +67,15 @@ for cmd in "$@"; do
 	esac
 	bin=$dir/bin/$cmd
 	id="$K8S_VERSION"
-	if [ ! -x "$bin" ] || [ "$(cat "$bin.version" 2>/dev/null)" != "$id" ]; then
+	stale() { [ ! -x "$bin" ] || [ "$(cat "$bin.version" 2>/dev/null)" != "$id" ]; }
+	# One build at a time (make test's kube-apiserver and the e2e's
+	# prebuild may run side by side): the generated module is rewritten by
+	# prepare. Checked again under the lock: the other may have built it.
+	if stale; then
+		exec 9>"$dir/.build.lock"
+		flock 9
+	fi
+	if stale; then
 		case $cmd in e2e.test | agnhost) prepare src-e2e ;; *) prepare src ;; esac
 		echo "kube-build: building $cmd $K8S_VERSION from the Go module proxy (once)" >&2
 		start=$(date +%s)
@@ -79,5 +87,6 @@ for cmd in "$@"; do
 		echo "$id" > "$bin.version"
 		echo "kube-build: built $cmd in $(( $(date +%s) - start )) s" >&2
 	fi
+	exec 9>&-
 	echo "$bin"
 done
