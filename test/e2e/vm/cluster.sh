@@ -248,6 +248,7 @@ build_rest_images() {
 build_sidecar() {
 	local name=$1 mod=$2 ver=$3 cmd=$4 img=$E2E/images
 	[ -f "$img/$name-$ver.tar" ] && return
+	mkdir -p "$img"
 	rm -f "$img/$name.tar" "$img/$name"-*.tar
 	log "building $cmd $ver from upstream source and the Go module proxy (once)"
 	local dir src
