@@ -42,7 +42,7 @@ test:
 	$(DEPS) test
 	$(MAKE) verify kube unit fuzz vm-test
 
-## kube: build kube-apiserver from the Go module proxy into .cache/kube for the Kubernetes store's tests (once: ~8 min on 2 cores)
+## kube: build kube-apiserver from the Go module proxy into .cache/kube for the Kubernetes store's tests (once: ~9 min on 2 cores)
 kube:
 	@hack/kube-apiserver.sh >/dev/null
 
