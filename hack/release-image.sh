@@ -59,6 +59,14 @@ if [ ! -f "$tarball" ]; then
 fi
 mkdir -p "$root"
 tar -C "$root" -xf "$tarball"
+# The runtime mounts /proc, /sys and /dev on empty directories, and runc
+# refuses anything else ("must be mounted on ordinary directory"; mkimage
+# checks): debootstrap leaves /proc a symlink to the host's when it
+# believes it runs in a container, and device nodes in /dev.
+for d in proc sys dev; do
+	rm -rf "${root:?}/$d"
+	mkdir -m 0755 "$root/$d"
+done
 install -m 0755 "$bin" "$root/usr/bin/nbd-csi"
 for f in nbdkit mkfs.ext4 mkfs.xfs cryptsetup blkid mount modprobe; do
 	[ -L "$root/usr/bin/$f" ] || [ -e "$root/usr/bin/$f" ] || [ -L "$root/usr/sbin/$f" ] || [ -e "$root/usr/sbin/$f" ] ||

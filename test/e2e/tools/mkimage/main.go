@@ -18,6 +18,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -85,6 +86,9 @@ func build(img image, out string) error {
 		if err := json.Unmarshal([]byte(cmd), &cm); err != nil {
 			return fmt.Errorf("-cmd: %w", err)
 		}
+	}
+	if err := checkMountPoints(root); err != nil {
+		return err
 	}
 	layer, err := os.CreateTemp(filepath.Dir(out), ".layer-*")
 	if err != nil {
@@ -169,6 +173,27 @@ func hasPath(env []string) bool {
 		}
 	}
 	return false
+}
+
+// checkMountPoints refuses a root whose /proc, /sys or /dev exists as
+// something other than a directory: the container runtime mounts them
+// there, and runc refuses to start the container ("must be mounted on
+// ordinary directory"). debootstrap leaves /proc a symlink to the host's
+// when it believes it runs in a container.
+func checkMountPoints(root string) error {
+	for _, d := range []string{"proc", "sys", "dev"} {
+		fi, err := os.Lstat(filepath.Join(root, d))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if !fi.IsDir() {
+			return fmt.Errorf("-rootfs %s: /%s is a %v, not a directory: the container runtime mounts %s there and refuses anything else", root, d, fi.Mode().Type(), d)
+		}
+	}
+	return nil
 }
 
 // writeLayer tars root: regular files, directories, symlinks, hard links

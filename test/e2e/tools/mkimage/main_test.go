@@ -89,3 +89,45 @@ func readTar(t *testing.T, path string) map[string][]byte {
 		out[h.Name] = b
 	}
 }
+
+// TestBuildRefusesMountPointSymlinks: a root whose /proc is a symlink (what
+// debootstrap leaves when it believes it runs in a container) is refused
+// with the reason: runc would refuse every container of the image
+// ("filesystem \"proc\" must be mounted on ordinary directory"). So are a
+// /sys or /dev that are files; empty directories and absent ones are fine.
+func TestBuildRefusesMountPointSymlinks(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		make func(root string) error
+		bad  bool
+	}{
+		{"proc symlink", func(root string) error { return os.Symlink("/proc", filepath.Join(root, "proc")) }, true},
+		{"sys file", func(root string) error { return os.WriteFile(filepath.Join(root, "sys"), nil, 0o644) }, true},
+		{"dev symlink", func(root string) error { return os.Symlink("/dev", filepath.Join(root, "dev")) }, true},
+		{"directories", func(root string) error {
+			for _, d := range []string{"proc", "sys", "dev"} {
+				if err := os.Mkdir(filepath.Join(root, d), 0o755); err != nil {
+					return err
+				}
+			}
+			return nil
+		}, false},
+		{"absent", func(string) error { return nil }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			if err := tc.make(root); err != nil {
+				t.Fatal(err)
+			}
+			err := build(image{name: "example.org/x:v1", root: root, arch: "amd64"}, filepath.Join(t.TempDir(), "x.tar"))
+			switch {
+			case tc.bad && err == nil:
+				t.Fatal("build succeeded; runc would refuse every container of this image")
+			case tc.bad && !strings.Contains(err.Error(), "not a directory"):
+				t.Fatalf("error %q does not say why", err)
+			case !tc.bad && err != nil:
+				t.Fatal(err)
+			}
+		})
+	}
+}
