@@ -446,7 +446,14 @@ node_identity() {
 	rm -rf "$d"; mkdir -p "$d/etc/kubernetes/pki" "$d/etc/cni/net.d"
 	qemu-img create -q -f qcow2 -F raw -b "$RUN/node.img" "$RUN/node$i.qcow2"
 	node_name "$i" > "$d/etc/hostname"
-	printf 'NODE_IP=%s\nGATEWAY=%s\n' "$(node_ip "$i")" "$HOST_IP" > "$d/etc/rig.env"
+	# Pod traffic between nodes: a route to every other node's pod subnet
+	# through that node (pods reach each other's Services across nodes:
+	# the quick start's controller dials the nbdkit pod on another node).
+	local j routes=""
+	for j in $(seq "$(all_nodes)"); do
+		[ "$j" = "$i" ] || routes="$routes 10.244.$j.0/24=$(node_ip "$j")"
+	done
+	printf 'NODE_IP=%s\nGATEWAY=%s\nPOD_ROUTES="%s"\n' "$(node_ip "$i")" "$HOST_IP" "${routes# }" > "$d/etc/rig.env"
 	cp "$RUN/pki/kubelet$i.crt" "$d/etc/kubernetes/pki/kubelet.crt"
 	cp "$RUN/pki/kubelet$i.key" "$d/etc/kubernetes/pki/kubelet.key"
 	cp "$RUN/pki/node$i.kubeconfig" "$d/etc/kubernetes/kubelet.kubeconfig"
