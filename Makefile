@@ -50,6 +50,7 @@ kube:
 unit:
 	$(DEPS) test
 	$(GO) test -race -short -count=1 ./...
+	cd test/e2e && $(GO) test -race -count=1 ./tools/...
 
 ## fuzz: run each fuzz target for $(FUZZTIME)
 fuzz:
