@@ -487,3 +487,16 @@ func (s *Server) canBind() bool {
 	_ = l.Close()
 	return true
 }
+
+// SparseFile creates path as a sparse file of size bytes (a server's backing
+// file, or a stand-in device) and returns it.
+func SparseFile(t testing.TB, path string, size int64) string {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}

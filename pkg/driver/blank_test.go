@@ -15,6 +15,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nbd-csi/nbd-csi/internal/servers"
 	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
@@ -55,16 +56,7 @@ func covered(rs []region, off, n int64) bool {
 
 func zeroFile(t *testing.T, size int64) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "dev")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	return p
+	return servers.SparseFile(t, filepath.Join(t.TempDir(), "dev"), size)
 }
 
 func needTool(t *testing.T, name string) string {

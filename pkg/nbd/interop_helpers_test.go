@@ -249,16 +249,7 @@ func pattern(off uint64, n int) []byte {
 // emptyFile creates a sparse file of size bytes.
 func emptyFile(t *testing.T, path string, size int64) {
 	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
+	servers.SparseFile(t, path, size)
 }
 
 // nbdcopyRead reads a whole export with libnbd's nbdcopy: a second,

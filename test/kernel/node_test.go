@@ -27,16 +27,7 @@ import (
 // server restart.
 func backingFile(t *testing.T, size int64) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "disk.img")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	return p
+	return servers.SparseFile(t, filepath.Join(t.TempDir(), "disk.img"), size)
 }
 
 // TestKernelNodeLifecycle: stage → publish → write → unpublish → unstage →
