@@ -15,6 +15,8 @@
 # .cache/e2e; images are built locally and baked into the node.
 #
 #   test/e2e/vm/cluster.sh build    # binaries, root filesystem, images (cached)
+#   test/e2e/vm/cluster.sh prebuild # only the Go builds of build (no root needed)
+#   test/e2e/vm/cluster.sh rootfs   # only the root filesystem of build
 #   test/e2e/vm/cluster.sh up       # start the cluster; prints KUBECONFIG=…
 #   test/e2e/vm/cluster.sh sh CMD   # run CMD on node E2E_NODE (default 1)
 #   test/e2e/vm/cluster.sh load TAR # import an image tar into every node
@@ -113,7 +115,8 @@ build_rootfs() {
 		bookworm "$E2E/rootfs.new" http://deb.debian.org/debian >"$E2E/debootstrap.log" 2>&1 ||
 		die "debootstrap failed
 $(tail_log "$E2E/debootstrap.log")"
-	tar -C "$E2E/rootfs.new" -cf "$E2E/rootfs.tar.new" . && mv "$E2E/rootfs.tar.new" "$E2E/rootfs.tar"
+	tar -C "$E2E/rootfs.new" -cf "$E2E/rootfs.tar.new" . || die "archiving the root filesystem failed"
+	mv "$E2E/rootfs.tar.new" "$E2E/rootfs.tar"
 	rm -rf "$E2E/rootfs.new"
 }
 
@@ -273,6 +276,24 @@ kill_tree() {
 	kill "$1" 2>/dev/null || true
 }
 
+# prebuild: the Go builds of build that need neither root nor the root
+# filesystem: the Kubernetes commands, then the pinned sidecars (cached).
+# .ci/run starts it, and rootfs, beside make test (nice 19), as a head start
+# for the smoke: build finds what they finished and builds the rest.
+prebuild() {
+	mkdir -p "$E2E"
+	log "Kubernetes binaries"
+	hack/kube-build.sh kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy >/dev/null
+	build_sidecars
+}
+
+# rootfs: the nodes' root filesystem alone (debootstrap; root, cached).
+rootfs() {
+	mkdir -p "$E2E"
+	hack/install-deps.sh e2e-vm
+	build_rootfs
+}
+
 ROOTFS_PID=""
 build() {
 	mkdir -p "$E2E"
@@ -285,9 +306,7 @@ build() {
 		ROOTFS_PID=$!
 		trap '[ -z "$ROOTFS_PID" ] || kill_tree "$ROOTFS_PID"' EXIT
 	fi
-	log "Kubernetes binaries"
-	hack/kube-build.sh kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy >/dev/null
-	build_sidecars
+	prebuild
 	if [ -n "$ROOTFS_PID" ]; then
 		wait "$ROOTFS_PID" || exit 1
 		ROOTFS_PID=""
@@ -604,12 +623,14 @@ collect_logs() {
 main() {
 	case ${1:-} in
 	build) build ;;
+	prebuild) prebuild ;;
+	rootfs) rootfs ;;
 	up) up ;;
 	down) down ;;
 	sh) shift; node_sh "$@" ;;
 	load) shift; load "$@" ;;
 	logs) shift; collect_logs "${1:-}" ;;
-	*) echo "usage: $0 build|up|down|sh CMD|load TAR...|logs [DIR]" >&2; exit 2 ;;
+	*) echo "usage: $0 build|prebuild|rootfs|up|down|sh CMD|load TAR...|logs [DIR]" >&2; exit 2 ;;
 	esac
 }
 

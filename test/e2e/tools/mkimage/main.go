@@ -125,10 +125,14 @@ func build(img image, out string) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.Create(out)
+	// The archive is written under a temporary name and renamed when whole:
+	// the e2e scripts take an existing image tar as built, so a build killed
+	// half-way must not leave one under the final name.
+	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".*")
 	if err != nil {
 		return err
 	}
+	defer os.Remove(f.Name())
 	defer f.Close()
 	tw := tar.NewWriter(f)
 	add := func(n string, b []byte) error {
@@ -163,7 +167,13 @@ func build(img image, out string) error {
 	if err := tw.Close(); err != nil {
 		return err
 	}
-	return f.Close()
+	if err := f.Chmod(0o644); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), out)
 }
 
 func hasPath(env []string) bool {

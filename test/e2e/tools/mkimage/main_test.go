@@ -7,9 +7,11 @@ import (
 	"encoding/json"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestBuild: the archive holds a manifest naming the image, its config
@@ -129,5 +131,81 @@ func TestBuildRefusesMountPointSymlinks(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestBuildLeavesNoPartialImage: the e2e scripts take an existing image tar
+// as built (cluster.sh's build_sidecar), and .ci/run kills the builds it
+// started beside make test when that fails. A build killed half-way must
+// leave no file under the output name, or a whole image. A child process
+// builds an image with a 64 MiB layer and is killed as soon as the output
+// name exists.
+func TestBuildLeavesNoPartialImage(t *testing.T) {
+	if root := os.Getenv("MKIMAGE_TEST_ROOT"); root != "" {
+		if err := build(image{name: "example.org/big:v1", root: root, arch: "amd64"}, os.Getenv("MKIMAGE_TEST_OUT")); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	root := t.TempDir()
+	big := make([]byte, 64<<20)
+	for i := range big {
+		big[i] = byte(i * 7)
+	}
+	if err := os.WriteFile(filepath.Join(root, "big"), big, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "big.tar")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestBuildLeavesNoPartialImage$")
+	cmd.Env = append(os.Environ(), "MKIMAGE_TEST_ROOT="+root, "MKIMAGE_TEST_OUT="+out)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	killed := false
+	for !killed {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("the child build failed: %v", err)
+			}
+			done <- nil
+			killed = true // finished before it could be killed: a whole image
+		case <-time.After(time.Millisecond):
+			if _, err := os.Stat(out); err == nil {
+				if err := cmd.Process.Kill(); err != nil {
+					t.Fatal(err)
+				}
+				killed = true
+			}
+		}
+	}
+	err := <-done
+	if _, serr := os.Stat(out); serr != nil {
+		return // nothing under the final name: the scripts build again
+	}
+	f, ferr := os.Open(out)
+	if ferr != nil {
+		t.Fatal(ferr)
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	var names []string
+	for {
+		h, terr := tr.Next()
+		if terr == io.EOF {
+			break
+		}
+		if terr == nil {
+			_, terr = io.Copy(io.Discard, tr)
+		}
+		if terr != nil {
+			t.Fatalf("big.tar is not a whole image (killed %v): %v", err != nil, terr)
+		}
+		names = append(names, h.Name)
+	}
+	if len(names) == 0 || names[len(names)-1] != "manifest.json" {
+		t.Fatalf("big.tar is not a whole image (killed %v): entries %v", err != nil, names)
 	}
 }
