@@ -11,10 +11,13 @@
 #   demo    make demo: nbdkit and the VM rig (for hosts without nbd)
 #   test    make test: the VM rig, a C compiler for -race, openssl, etcd, GNU time
 #           (the Kubernetes store's tests), strace (which bytes blkid reads:
-#           pkg/driver's blank-device tests), git and make
+#           pkg/driver's blank-device tests), git, make, and procps (.ci/run's
+#           test stops its builds with kill and pgrep)
 #   e2e-vm  make e2e E2E_PROVIDER=vm: the VM rig plus debootstrap, etcd,
 #           socat, iproute2, python3, curl, xz (test/e2e/vm/cluster.sh),
-#           dnsmasq (the cluster DNS of test/e2e/quickstart.sh)
+#           dnsmasq (the cluster DNS of test/e2e/quickstart.sh), procps
+#           (pgrep and kill: cluster.sh stops what it started, .ci/run its
+#           builds beside make test)
 #
 # Only packages that are missing are installed. As root: apt-get update,
 # then apt-get install of those. Otherwise it prints the one command to run
@@ -33,11 +36,11 @@ packages() {
 		;;
 	test)
 		packages vm
-		echo gcc libc6-dev openssl ca-certificates git make etcd-server time strace
+		echo gcc libc6-dev openssl ca-certificates git make etcd-server time strace procps
 		;;
 	e2e-vm)
 		packages vm
-		echo debootstrap etcd-server openssl ca-certificates socat iproute2 python3 curl xz-utils gzip git dnsmasq-base
+		echo debootstrap etcd-server openssl ca-certificates socat iproute2 python3 curl xz-utils gzip git dnsmasq-base procps
 		;;
 	*)
 		return 1

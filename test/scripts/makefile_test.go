@@ -5,7 +5,6 @@ package scripts
 import (
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -44,65 +43,5 @@ func TestMakeDemoInstallsFirst(t *testing.T) {
 	deps, demo := strings.Index(s, "hack/install-deps.sh demo\n"), strings.Index(s, "hack/demo.sh\n")
 	if deps < 0 || demo < 0 || deps > demo {
 		t.Errorf("make demo does not run hack/install-deps.sh demo before hack/demo.sh:\n%s", s)
-	}
-}
-
-// TestCIRunInstallsThenTests runs .ci/run in a scratch repository with
-// stub programs: as a non-root user it must install the packages of the
-// groups "test" and "e2e-vm" through sudo and hack/install-deps.sh (the
-// same step make test and the vm provider run), then run make test, then
-// the cluster smoke (make e2e-smoke) as root with the PATH that found go;
-// it stops at the first step that fails.
-func TestCIRunInstallsThenTests(t *testing.T) {
-	src, err := os.ReadFile(filepath.Join(repoRoot(t), ".ci/run"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	install := "sudo hack/install-deps.sh test e2e-vm\ninstall-deps test e2e-vm uid=0\n"
-	for _, tc := range []struct {
-		name, fails, want string
-	}{
-		{"all pass", "", install + "go version\nmake test\nsudo env PATH=@STUBS@:/usr/bin:/bin make e2e-smoke\nmake e2e-smoke\n"},
-		{"install fails", "install-deps", install},
-		{"make test fails", "make test", install + "go version\nmake test\n"},
-		{"smoke fails", "make e2e-smoke", install + "go version\nmake test\nsudo env PATH=@STUBS@:/usr/bin:/bin make e2e-smoke\nmake e2e-smoke\n"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			repo, stubs := t.TempDir(), t.TempDir()
-			calls := filepath.Join(repo, "calls")
-			// Each stub records its call, then fails when it is the step
-			// this case makes fail.
-			record := func(name string) string {
-				return "#!/bin/bash\nc=\"" + name + " $*\"\necho \"$c\" >> " + calls + "\n[ \"$c\" != \"" + tc.fails + "\" ] && [ \"" + name + "\" != \"" + tc.fails + "\" ]\n"
-			}
-			for path, body := range map[string]string{
-				filepath.Join(repo, ".ci/run"):              string(src),
-				filepath.Join(repo, "hack/install-deps.sh"): "#!/bin/bash\necho \"install-deps $* uid=$(id -u)\" >> " + calls + "\n[ install-deps != \"" + tc.fails + "\" ]\n",
-				filepath.Join(stubs, "sudo"):                "#!/bin/bash\necho \"sudo $*\" >> " + calls + "\nFAKE_UID=0 exec \"$@\"\n",
-				filepath.Join(stubs, "id"):                  "#!/bin/bash\necho ${FAKE_UID:-1000}\n",
-				filepath.Join(stubs, "go"):                  record("go"),
-				filepath.Join(stubs, "make"):                record("make"),
-			} {
-				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-					t.Fatal(err)
-				}
-				if err := os.WriteFile(path, []byte(body), 0o755); err != nil {
-					t.Fatal(err)
-				}
-			}
-			cmd := exec.Command("/bin/bash", filepath.Join(repo, ".ci/run"))
-			cmd.Env = []string{"PATH=" + stubs + ":/usr/bin:/bin", "HOME=" + repo}
-			out, err := cmd.CombinedOutput()
-			got, _ := os.ReadFile(calls)
-			switch {
-			case tc.fails != "" && err == nil:
-				t.Errorf(".ci/run succeeded although %s failed:\n%s", tc.fails, out)
-			case tc.fails == "" && err != nil:
-				t.Errorf(".ci/run: %v\n%s", err, out)
-			}
-			if want := strings.ReplaceAll(tc.want, "@STUBS@", stubs); string(got) != want {
-				t.Errorf(".ci/run ran:\n%s\nwant:\n%s", got, want)
-			}
-		})
 	}
 }
