@@ -22,7 +22,7 @@ suites=(
 # udev loads it at boot (CPU modalias), in the VM nothing does.
 bindir=$(mktemp -d)
 trap 'rm -rf "$bindir"' EXIT
-CGO_ENABLED=0 go build -o "$bindir/nbd-csi" ./cmd/nbd-csi
+CGO_ENABLED=0 go build -trimpath -o "$bindir/nbd-csi" ./cmd/nbd-csi
 args=(-file "$bindir/nbd-csi:/bin/nbd-csi" -env NBDCSI_BIN=/bin/nbd-csi)
 script="modprobe nbd nbds_max=16 max_part=0 && modprobe unix_diag && modprobe inet_diag && modprobe tcp_diag && { modprobe aesni-intel || modprobe gcm; }"
 declare -A built=()

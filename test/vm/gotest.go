@@ -18,7 +18,8 @@ import (
 // outDir/<name>.test with "go test -c", where <name> is the last element
 // of the package's import path. The binary is built with CGO_ENABLED=0
 // for linux/amd64, so it needs no shared library in the guest; this is
-// verified. The returned File installs it as /bin/<name>.test.
+// verified. -trimpath: the flags of make lint's vet and of the release
+// binaries, so that all of them share one compile of the dependencies. The returned File installs it as /bin/<name>.test.
 func BuildGoTest(ctx context.Context, pkg, outDir string) (File, error) {
 	list := exec.CommandContext(ctx, "go", "list", "-f", "{{.ImportPath}}", pkg)
 	var stderr bytes.Buffer
@@ -36,7 +37,7 @@ func BuildGoTest(ctx context.Context, pkg, outDir string) (File, error) {
 	if err != nil {
 		return File{}, err
 	}
-	build := exec.CommandContext(ctx, "go", "test", "-c", "-o", bin, pkg)
+	build := exec.CommandContext(ctx, "go", "test", "-c", "-trimpath", "-o", bin, pkg)
 	build.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if out, err := build.CombinedOutput(); err != nil {
 		return File{}, fmt.Errorf("go test -c %s: %v: %s", pkg, err, strings.TrimSpace(string(out)))
