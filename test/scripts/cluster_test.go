@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -67,7 +68,12 @@ exit 134
 	if code != 1 {
 		t.Errorf("exit %d, want 1", code)
 	}
-	for _, want := range []string{"QEMU of vmnode1 exited", "failed to set MSR 0x10a", "kvm_buf_set_msrs"} {
+	// Either node's QEMU may be seen first: both exit at once, and under
+	// load (make test beside .ci/run's builds) vmnode2's often is.
+	if !regexp.MustCompile(`QEMU of vmnode[12] exited`).MatchString(out) {
+		t.Errorf("output names no node whose QEMU exited:\n%s", out)
+	}
+	for _, want := range []string{"failed to set MSR 0x10a", "kvm_buf_set_msrs"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
