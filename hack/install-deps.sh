@@ -11,13 +11,12 @@
 #   demo    make demo: nbdkit and the VM rig (for hosts without nbd)
 #   test    make test: the VM rig, a C compiler for -race, openssl, etcd, GNU time
 #           (the Kubernetes store's tests), strace (which bytes blkid reads:
-#           pkg/driver's blank-device tests), git, make, and procps (.ci/run's
-#           test stops its builds with kill and pgrep)
+#           pkg/driver's blank-device tests), git, make, and procps (pgrep
+#           and ps: .ci/run, which test/scripts runs, stops its jobs with them)
 #   e2e-vm  make e2e E2E_PROVIDER=vm: the VM rig plus debootstrap, etcd,
 #           socat, iproute2, python3, curl, xz (test/e2e/vm/cluster.sh),
 #           dnsmasq (the cluster DNS of test/e2e/quickstart.sh), procps
-#           (pgrep and kill: cluster.sh stops what it started, .ci/run its
-#           builds beside make test)
+#           (pgrep: cluster.sh stops what it started, .ci/run its jobs)
 #
 # Only packages that are missing are installed. As root: apt-get update,
 # then apt-get install of those. Otherwise it prints the one command to run

@@ -109,6 +109,10 @@ kernel_deb() {
 build_rootfs() {
 	if [ -f "$E2E/rootfs.tar" ]; then return; fi
 	log "debootstrap of the node root filesystem (once, ~3 min)"
+	# A debootstrap killed half-way (.ci/run's KILL, the OOM killer) leaves
+	# its mounts (proc, sys) inside, where rm -rf would fail.
+	local m
+	for m in $(findmnt -rn -o TARGET | grep "^$E2E/rootfs.new/" | sort -r); do umount -l "$m" || true; done
 	rm -rf "$E2E/rootfs.new"
 	debootstrap --variant=minbase \
 		--include=containerd,runc,containernetworking-plugins,iptables,iproute2,util-linux,mount,kmod,e2fsprogs,xfsprogs,procps,ca-certificates,conntrack,socat,ethtool,iputils-ping \
