@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,7 +67,8 @@ type cirunCase struct {
 	// rootfs, make e2e-smoke), or how the run is cut short: cancel
 	// (SIGTERM to its process group, as CI does), cancel pid (SIGTERM to
 	// .ci/run alone), cancel twice (then SIGTERM again while it cleans
-	// up), kill (SIGKILL to .ci/run alone).
+	// up), kill (SIGKILL to .ci/run alone), kill unreaped (the same, and
+	// .ci/run stays a zombie while the test looks).
 	fails string
 	// build: how the prebuild stub behaves: "" (ends when make test is
 	// done), "ignores TERM", "stops" (SIGSTOP to itself), "lingers" (a
@@ -101,8 +103,8 @@ func TestCIRunInstallsThenTests(t *testing.T) {
 	}
 	user := []string{"sudo hack/install-deps.sh test e2e-vm", "install-deps test e2e-vm uid=0", "go version"}
 	root := []string{"install-deps test e2e-vm uid=0", "go version"}
-	prebuild := "cluster.sh prebuild uid=1000 nice=19 oom=1000 session=same pgrp=own"
-	rootBuilds := []string{"cluster.sh prebuild uid=0 nice=19 oom=1000 session=same pgrp=own", "cluster.sh rootfs uid=0 nice=19 oom=1000 session=same pgrp=own", "make test"}
+	prebuild := "cluster.sh prebuild uid=1000 nice=19 oom=1000 session=same pgrp=own intquit=same"
+	rootBuilds := []string{"cluster.sh prebuild uid=0 nice=19 oom=1000 session=same pgrp=own intquit=same", "cluster.sh rootfs uid=0 nice=19 oom=1000 session=same pgrp=own intquit=same", "make test"}
 	userSmoke := []string{"sudo env PATH=@STUBS@:/usr/bin:/bin make e2e-smoke", "make e2e-smoke"}
 	rootSmoke := []string{"make e2e-smoke"}
 	for _, tc := range []cirunCase{
@@ -115,6 +117,8 @@ func TestCIRunInstallsThenTests(t *testing.T) {
 		{name: "cancelled, .ci/run alone", root: true, fails: "cancel pid", first: root, beside: rootBuilds},
 		{name: "cancelled twice", root: true, fails: "cancel twice", build: "lingers", first: root, beside: rootBuilds},
 		{name: "killed", root: true, fails: "kill", first: root, beside: rootBuilds},
+		{name: "killed, not reaped", root: true, fails: "kill unreaped", first: root, beside: rootBuilds},
+		{name: "killed, build ignores TERM", root: true, fails: "kill", build: "ignores TERM", first: root, beside: rootBuilds},
 		{name: "build lingers", root: true, fails: "make test", build: "lingers", first: root, beside: rootBuilds},
 		{name: "build stopped", root: true, fails: "make test", build: "stops", first: root, beside: rootBuilds},
 		{name: "build ignores TERM", root: true, fails: "make test", build: "ignores TERM", first: root, beside: rootBuilds},
@@ -130,6 +134,19 @@ func runCIRun(t *testing.T, src string, tc cirunCase) {
 	repo, stubs, marks := t.TempDir(), t.TempDir(), t.TempDir()
 	calls := filepath.Join(repo, "calls")
 	_, ownSID, _ := procStat("self")
+	// Whether this test ignores SIGINT and SIGQUIT (bits 2 and 3 of
+	// SigIgn): the builds get them as .ci/run got them, not ignored the way
+	// bash ignores them for background commands.
+	ownIntQuit := "0"
+	if st, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, l := range strings.Split(string(st), "\n") {
+			if v, ok := strings.CutPrefix(l, "SigIgn:"); ok {
+				if n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil {
+					ownIntQuit = strconv.FormatUint(n&6, 10)
+				}
+			}
+		}
+	}
 	// Each stub records its call in calls, and the process group it runs
 	// in as marks/NAME.pgrp.
 	record := "c=\"$(basename \"$0\") $*\"\necho \"$c\" >> " + calls + "\n"
@@ -144,7 +161,7 @@ if [ "$1" = test ]; then
 		[ -e ` + marks + `/$b.started ] || { echo "make test stub: $b did not start beside make test" >&2; exit 1; }
 	done
 	case "` + tc.fails + `" in
-	cancel*|kill) touch ` + marks + `/make.waiting; sleep 60 ;;
+	cancel*|kill*) touch ` + marks + `/make.waiting; sleep 60 ;;
 	"make test") touch ` + marks + `/make.failed; exit 1 ;;
 	esac
 	touch ` + marks + `/release
@@ -155,15 +172,20 @@ fi
 	// running, then waits until make test is done (release).
 	behave := map[string]string{
 		"ignores TERM": "trap '' TERM\n",
-		"stops":        "trap 'exit 143' TERM\nkill -STOP $$\n", // acts on TERM only when continued
-		"lingers":      "( trap 'sleep 1; exit 0' TERM; while :; do sleep 0.1; done ) &\n",
+		"stops":        "trap 'exit 143' TERM\ntouch " + marks + "/prebuild.started\nkill -STOP $$\n", // acts on TERM only when continued
+		"lingers": "( trap 'sleep 1; exit 0' TERM; touch " + marks + "/child; while :; do sleep 0.1; done ) &\n" +
+			"until [ -e " + marks + "/child ]; do sleep 0.05; done\n",
 	}[tc.build]
 	clusterStub := "#!/bin/bash\n" + pgrp +
 		"[ \"${st[2]}\" = \"$(cat " + marks + "/cirun.pgrp)\" ] && g=cirun || g=own\n" +
 		"[ \"${st[3]}\" = " + ownSID + " ] && s=same || s=${st[3]}\n" +
-		"echo \"cluster.sh $1 uid=$(id -u) nice=$(nice) oom=$(cat /proc/self/oom_score_adj) session=$s pgrp=$g\" >> " + calls + "\n" +
-		"echo ${st[2]} > " + marks + "/$1.pgrp\ntouch " + marks + "/$1.started\necho \"$1 is building\"\n" +
-		"[ \"$1\" != prebuild ] || {\n:\n" + behave + "}\n" +
+		// What a command the build runs gets (bash itself ignores QUIT).
+		"ign=$(awk '/^SigIgn/ {print $2}' /proc/self/status)\n" +
+		"[ $((0x$ign & 6)) = " + ownIntQuit + " ] && iq=same || iq=$((0x$ign & 6))\n" +
+		"echo \"cluster.sh $1 uid=$(id -u) nice=$(nice) oom=$(cat /proc/self/oom_score_adj) session=$s pgrp=$g intquit=$iq\" >> " + calls + "\n" +
+		"echo ${st[2]} > " + marks + "/$1.pgrp\necho \"$1 is building\"\n" +
+		// The behaviour is in place before make test's stub sees started.
+		"[ \"$1\" != prebuild ] || {\n:\n" + behave + "}\ntouch " + marks + "/$1.started\n" +
 		"for i in $(seq 600); do [ -e " + marks + "/release ] && break; sleep 0.1; done\n" +
 		"[ \"$1\" != \"" + tc.fails + "\" ] || { echo \"$1 broke here\"; exit 1; }\n"
 	for path, body := range map[string]string{
@@ -205,16 +227,47 @@ fi
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	wait := func() { done <- cmd.Wait() }
+	if tc.fails != "kill unreaped" {
+		go wait()
+	}
+	// No process of make test or of a build outlives .ci/run; killed, it
+	// leaves them to their watchdogs (every 2 s; KILL 20 s after TERM).
+	survivors := func() {
+		grace := time.Duration(0)
+		if strings.HasPrefix(tc.fails, "kill") {
+			grace = 10 * time.Second
+			if tc.build == "ignores TERM" {
+				grace = 30 * time.Second
+			}
+		}
+		for _, name := range []string{"make", "prebuild", "rootfs"} {
+			b, err := os.ReadFile(filepath.Join(marks, name+".pgrp"))
+			if err != nil {
+				continue
+			}
+			pg := strings.TrimSpace(string(b))
+			cmdline, alive := groupAlive(pg)
+			for end := time.Now().Add(grace); alive && time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+				cmdline, alive = groupAlive(pg)
+			}
+			if alive {
+				t.Errorf("%s (process group %s: %s) still runs after .ci/run ended", name, pg, cmdline)
+				if n, err := strconv.Atoi(pg); err == nil && n > 1 {
+					_ = syscall.Kill(-n, syscall.SIGKILL)
+				}
+			}
+		}
+	}
 	switch {
-	case strings.HasPrefix(tc.fails, "cancel") || tc.fails == "kill":
+	case strings.HasPrefix(tc.fails, "cancel") || strings.HasPrefix(tc.fails, "kill"):
 		if !waitFor(filepath.Join(marks, "make.waiting"), 30*time.Second) {
 			_ = syscall.Kill(-pid, syscall.SIGKILL)
 			t.Fatalf("make test's stub never got to wait for the cancel:\n%s", out.String())
 		}
 		sig, target := syscall.SIGTERM, -pid
 		switch tc.fails {
-		case "kill":
+		case "kill", "kill unreaped":
 			sig, target = syscall.SIGKILL, pid
 		case "cancel pid":
 			target = pid
@@ -227,36 +280,24 @@ fi
 			_ = syscall.Kill(pid, syscall.SIGTERM)
 		}
 	}
+	if tc.fails == "kill unreaped" {
+		// Killed and not yet reaped (a zombie): kill -0 still finds it;
+		// its jobs' watchdogs must not be fooled.
+		survivors()
+		go wait()
+	}
 	err = <-done
 	ended := time.Now()
 	if tc.passes != (err == nil) {
 		t.Errorf(".ci/run: %v (should pass: %v)\n%s", err, tc.passes, out.String())
 	}
-	// No process of make test or of a build outlives .ci/run; killed, it
-	// leaves them to their watchdogs (every 2 s).
-	grace := time.Duration(0)
-	if tc.fails == "kill" {
-		grace = 10 * time.Second
+	if tc.fails != "kill unreaped" {
+		survivors()
 	}
-	for _, name := range []string{"make", "prebuild", "rootfs"} {
-		b, err := os.ReadFile(filepath.Join(marks, name+".pgrp"))
-		if err != nil {
-			continue
-		}
-		pg := strings.TrimSpace(string(b))
-		cmdline, alive := groupAlive(pg)
-		for end := time.Now().Add(grace); alive && time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-			cmdline, alive = groupAlive(pg)
-		}
-		if alive {
-			t.Errorf("%s (process group %s: %s) still runs after .ci/run ended", name, pg, cmdline)
-			if n, err := strconv.Atoi(pg); err == nil && n > 1 {
-				_ = syscall.Kill(-n, syscall.SIGKILL)
-			}
-		}
-	}
-	if tc.build == "ignores TERM" && !strings.Contains(out.String(), "still running 20 s after TERM, now KILLed") {
-		t.Errorf(".ci/run did not say which build it had to KILL:\n%s", out.String())
+	if tc.build == "ignores TERM" && !strings.HasPrefix(tc.fails, "kill") &&
+		(!strings.Contains(out.String(), "still running 20 s after TERM, now KILLed") ||
+			!regexp.MustCompile(`(?m)^\s*[0-9]+\s+[0-9]+\s+\S+.*cluster\.sh prebuild`).MatchString(out.String())) {
+		t.Errorf(".ci/run did not say, with ps, which build it had to KILL:\n%s", out.String())
 	}
 	// .ci/run ends soon after make test failed: its jobs stopped, not
 	// waited for (the builds' stubs run a minute unless stopped).
