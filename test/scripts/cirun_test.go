@@ -79,6 +79,8 @@ type cirunCase struct {
 	// passes: .ci/run exits 0; warns: its output names this failed build.
 	passes bool
 	warns  string
+	// ignoreIntQuit: .ci/run starts with SIGINT and SIGQUIT ignored.
+	ignoreIntQuit bool
 }
 
 // TestCIRunInstallsThenTests runs .ci/run in a scratch repository with stub
@@ -110,6 +112,7 @@ func TestCIRunInstallsThenTests(t *testing.T) {
 	for _, tc := range []cirunCase{
 		{name: "all pass", first: user, beside: []string{prebuild, "make test"}, after: userSmoke, passes: true},
 		{name: "as root", root: true, first: root, beside: rootBuilds, after: rootSmoke, passes: true},
+		{name: "INT and QUIT ignored", root: true, ignoreIntQuit: true, first: root, beside: rootBuilds, after: rootSmoke, passes: true},
 		{name: "install fails", fails: "install-deps", first: user[:2]},
 		{name: "make test fails", fails: "make test", first: user, beside: []string{prebuild, "make test"}},
 		{name: "make test fails as root", root: true, fails: "make test", first: root, beside: rootBuilds},
@@ -176,12 +179,16 @@ fi
 		"lingers": "( trap 'sleep 1; exit 0' TERM; touch " + marks + "/child; while :; do sleep 0.1; done ) &\n" +
 			"until [ -e " + marks + "/child ]; do sleep 0.05; done\n",
 	}[tc.build]
+	wantIntQuit := ownIntQuit
+	if tc.ignoreIntQuit {
+		wantIntQuit = "6"
+	}
 	clusterStub := "#!/bin/bash\n" + pgrp +
 		"[ \"${st[2]}\" = \"$(cat " + marks + "/cirun.pgrp)\" ] && g=cirun || g=own\n" +
 		"[ \"${st[3]}\" = " + ownSID + " ] && s=same || s=${st[3]}\n" +
 		// What a command the build runs gets (bash itself ignores QUIT).
 		"ign=$(awk '/^SigIgn/ {print $2}' /proc/self/status)\n" +
-		"[ $((0x$ign & 6)) = " + ownIntQuit + " ] && iq=same || iq=$((0x$ign & 6))\n" +
+		"[ $((0x$ign & 6)) = " + wantIntQuit + " ] && iq=same || iq=$((0x$ign & 6))\n" +
 		"echo \"cluster.sh $1 uid=$(id -u) nice=$(nice) oom=$(cat /proc/self/oom_score_adj) session=$s pgrp=$g intquit=$iq\" >> " + calls + "\n" +
 		"echo ${st[2]} > " + marks + "/$1.pgrp\necho \"$1 is building\"\n" +
 		// The behaviour is in place before make test's stub sees started.
@@ -205,6 +212,11 @@ fi
 		}
 	}
 	cmd := exec.Command("/bin/bash", filepath.Join(repo, ".ci/run"))
+	if tc.ignoreIntQuit {
+		// Started with SIGINT and SIGQUIT ignored, as by a shell's
+		// background command (many CI runners): so are its jobs.
+		cmd = exec.Command("/bin/bash", "-c", `trap '' INT QUIT; exec /bin/bash "$0"`, filepath.Join(repo, ".ci/run"))
+	}
 	cmd.Env = []string{"PATH=" + stubs + ":/usr/bin:/bin", "HOME=" + repo}
 	if tc.root {
 		cmd.Env = append(cmd.Env, "FAKE_UID=0")
