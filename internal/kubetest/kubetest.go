@@ -106,7 +106,7 @@ func findBinaries() (etcd, apiserver string, err error) {
 		apiserver = filepath.Join(root, ".cache/kube/bin/kube-apiserver")
 	}
 	if _, err := os.Stat(apiserver); err != nil {
-		return "", "", fmt.Errorf("%w: %s missing (run hack/kube-apiserver.sh, or make kube-test)", ErrMissing, apiserver)
+		return "", "", fmt.Errorf("%w: %s missing (run make kube, or hack/kube-apiserver.sh)", ErrMissing, apiserver)
 	}
 	return etcd, apiserver, nil
 }

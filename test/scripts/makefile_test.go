@@ -5,6 +5,7 @@ package scripts
 import (
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -43,5 +44,40 @@ func TestMakeDemoInstallsFirst(t *testing.T) {
 	deps, demo := strings.Index(s, "hack/install-deps.sh demo\n"), strings.Index(s, "hack/demo.sh\n")
 	if deps < 0 || demo < 0 || deps > demo {
 		t.Errorf("make demo does not run hack/install-deps.sh demo before hack/demo.sh:\n%s", s)
+	}
+}
+
+// TestMakeTargetsNamedExist: every make target the project tells a reader
+// to run — "`make X`" in the docs, "run make X" or "or make X" in messages
+// and scripts — is a target of the Makefile (a kubetest error once sent
+// readers to a "make kube-test" that never existed).
+func TestMakeTargetsNamedExist(t *testing.T) {
+	root := repoRoot(t)
+	mk, err := os.ReadFile(root + "/Makefile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	targets := map[string]bool{}
+	for _, m := range regexp.MustCompile(`(?m)^([a-z][a-z0-9-]*):`).FindAllStringSubmatch(string(mk), -1) {
+		targets[m[1]] = true
+	}
+	files, err := exec.Command("git", "-C", root, "ls-files", "*.go", "*.md", "*.sh", "*.txt", "*.yaml", ".ci/run").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := regexp.MustCompile("(?:run |or |`)make ([a-z][a-z0-9-]+)")
+	for _, f := range strings.Fields(string(files)) {
+		if strings.Contains(f, "third_party/") {
+			continue
+		}
+		b, err := os.ReadFile(root + "/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range named.FindAllStringSubmatch(string(b), -1) {
+			if !targets[m[1]] {
+				t.Errorf("%s names `make %s`, which the Makefile does not have", f, m[1])
+			}
+		}
 	}
 }
