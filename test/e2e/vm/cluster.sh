@@ -112,7 +112,7 @@ build_rootfs() {
 	# A debootstrap killed half-way (.ci/run's KILL, the OOM killer) leaves
 	# its mounts (proc, sys) inside, where rm -rf would fail.
 	local m
-	for m in $(findmnt -rn -o TARGET | grep "^$E2E/rootfs.new/" | sort -r); do umount -l "$m" || true; done
+	for m in $(findmnt -rn -o TARGET | awk -v p="$E2E/rootfs.new/" 'index($0, p) == 1' | sort -r); do umount -l "$m" || true; done
 	rm -rf "$E2E/rootfs.new"
 	debootstrap --variant=minbase \
 		--include=containerd,runc,containernetworking-plugins,iptables,iproute2,util-linux,mount,kmod,e2fsprogs,xfsprogs,procps,ca-certificates,conntrack,socat,ethtool,iputils-ping \
